@@ -1,0 +1,1 @@
+"""MS-VLM and everything to train and evaluate it; knows tensors and arrays, never DICOM."""

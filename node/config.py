@@ -1,0 +1,422 @@
+"""Loading and validating the node's TOML configuration.
+
+The file is read once into frozen dataclasses; every error names the file, the key and the rule,
+e.g. ``/etc/msvlm-node/config.toml: [node] ae_title: 'A_VERY_LONG_AE_TITLE' is longer than 16
+characters``. Unknown sections and keys are errors too, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/msvlm-node/config.toml")
+CONFIG_ENV = "MSVLM_NODE_CONFIG"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the key."""
+
+
+class DuplicatePolicy(str, enum.Enum):
+    """What to do when a SOP Instance UID arrives again with different bytes."""
+
+    KEEP = "keep"
+    """Keep the stored instance, answer Success and log a warning (Orthanc's default)."""
+    OVERWRITE = "overwrite"
+    """Replace the stored instance with the new one."""
+    REJECT = "reject"
+    """Keep the stored instance and answer 0x0111 (Duplicate SOP Instance)."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]``: this AE and its network limits."""
+
+    ae_title: str = "MSVLM"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    accept_unknown_peers: bool = False
+    require_called_ae_title: bool = True
+    max_associations: int = 16
+    max_pdu_bytes: int = 0
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    receive_processes: int = 0
+
+    @property
+    def effective_receive_processes(self) -> int:
+        """Processes that accept associations (``0`` in the file = one per CPU core)."""
+        return self.receive_processes or max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """``[tls]``: DICOM over TLS, on when ``certificate`` is set."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """``[peers.NAME]``: one remote AE that sends to us, receives from us, or both."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    allow_store: bool = True
+    addresses: frozenset[str] = frozenset()
+    """The IP addresses ``host`` resolved to when the config was loaded."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: where instances and the index live."""
+
+    root: Path = Path("/var/lib/msvlm-node")
+    database_url: str = ""
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP
+    min_free_bytes: int = 1_000_000_000
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.root / 'index.sqlite'}"
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """``[completion]``: when a study counts as complete."""
+
+    stable_age_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path | None = None
+    node: NodeConfig = field(default_factory=NodeConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+
+    def peer_for_store(self, calling_ae_title: str, address: str) -> PeerConfig | None:
+        """Return the peer allowed to store with this calling AE title from this address."""
+        for peer in self.peers.values():
+            if peer.allow_store and peer.ae_title == calling_ae_title and address in peer.addresses:
+                return peer
+        return None
+
+    def to_toml(self) -> str:
+        """The effective configuration as TOML text (what ``check-config`` prints)."""
+        lines = [f"# effective configuration from {self.path}"]
+        sections: list[tuple[str, Any]] = [
+            ("node", self.node), ("tls", self.tls), ("storage", self.storage),
+            ("completion", self.completion),
+        ]
+        sections += [(f"peers.{name}", peer) for name, peer in self.peers.items()]
+        for title, section in sections:
+            lines.append(f"\n[{title}]")
+            for f in dataclasses.fields(section):
+                if f.name in ("name", "addresses"):
+                    continue
+                value = getattr(section, f.name)
+                lines.append(f"# {f.name} is unset" if value is None
+                             else f"{f.name} = {_toml_value(value)}")
+            if title == "storage":
+                lines.append(f"# database_url in effect: {self.storage.effective_database_url}")
+            if title == "node":
+                lines.append(f"# receive processes in effect: {self.node.effective_receive_processes}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return f'"{value.value}"'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- validation helpers ---------------------------------------------------------------------------
+
+def validate_ae_title(value: object) -> str:
+    """Return ``value`` as an AE title or raise ``ValueError`` naming the rule it breaks.
+
+    An AE title is 1 to 16 characters of the default repertoire, without backslash or control
+    characters, and not only spaces (PS3.5 Table 6.2-1). Leading and trailing spaces are not
+    significant and are removed.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    if len(value) > 16:
+        raise ValueError(f"{value!r} is longer than 16 characters")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in value):
+        raise ValueError(f"{value!r} holds a backslash, a control or a non-ASCII character")
+    if not value.strip():
+        raise ValueError(f"{value!r} is empty or only spaces")
+    return value.strip()
+
+
+class _Section:
+    """Reads typed keys from one TOML table, collecting the file, section and key for errors."""
+
+    def __init__(self, path: Path, name: str, table: Any, known: set[str]) -> None:
+        self.path, self.name = path, name
+        if not isinstance(table, dict):
+            raise self.error(None, "must be a table")
+        self.table = table
+        for key in table:
+            if key not in known:
+                raise self.error(key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def error(self, key: str | None, rule: str) -> ConfigError:
+        where = f"[{self.name}]" + (f" {key}" if key else "")
+        return ConfigError(f"{self.path}: {where}: {rule}")
+
+    def get(self, key: str, kind: type, default: Any, check: Callable[[Any], Any] | None = None) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.error(key, f"{value!r} must be of type {kind.__name__}")
+        if check is not None:
+            try:
+                value = check(value)
+            except ValueError as exc:
+                raise self.error(key, str(exc)) from None
+        return value
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def _non_negative(value: T) -> T:
+    if value < 0:  # type: ignore[operator]
+        raise ValueError(f"{value} must not be negative")
+    return value
+
+
+def _positive(value: T) -> T:
+    if value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{value} must be greater than zero")
+    return value
+
+
+def _pdu(value: int) -> int:
+    if value != 0 and not 4096 <= value <= 2**32 - 1:
+        raise ValueError(f"{value} must be 0 (unlimited) or between 4096 and 4294967295")
+    return value
+
+
+def _ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def _resolve(host: str) -> frozenset[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ValueError(f"host {host!r} does not resolve ({exc.strerror})") from None
+    return frozenset(str(info[4][0]) for info in infos)
+
+
+def _relative(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _readable_file(value: Path) -> Path:
+    if not value.is_file() or not os.access(value, os.R_OK):
+        raise ValueError(f"{str(value)!r} is not a readable file")
+    return value
+
+
+def _writable_root(value: Path) -> Path:
+    try:
+        value.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{str(value)!r} cannot be created ({exc.strerror})") from None
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise ValueError(f"{str(value)!r} is not a writable directory")
+    return value
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def default_config_path() -> Path:
+    """``$MSVLM_NODE_CONFIG`` if set, else ``/etc/msvlm-node/config.toml``."""
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a configuration file.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        The TOML file; default :func:`default_config_path`.
+
+    Returns
+    -------
+    Config
+        The validated configuration; relative paths are resolved against the file's folder.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or parsed, or a key breaks a rule; the message names the file,
+        the key and the rule.
+    """
+    cfg_path = Path(path) if path is not None else default_config_path()
+    try:
+        raw = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg_path}: no such file (use -c FILE or ${CONFIG_ENV})") from None
+    except OSError as exc:
+        raise ConfigError(f"{cfg_path}: cannot be read ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{cfg_path}: not valid TOML ({exc})") from None
+    return parse_config(raw, cfg_path)
+
+
+def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
+    """Validate an already parsed TOML document; see :func:`load_config`."""
+    base = cfg_path.resolve().parent
+    known_sections = {"node", "tls", "peers", "storage", "completion"}
+    for name in raw:
+        if name not in known_sections:
+            raise ConfigError(f"{cfg_path}: [{name}]: unknown section (known: "
+                              f"{', '.join(sorted(known_sections))})")
+
+    d = NodeConfig()
+    s = _Section(cfg_path, "node", raw.get("node", {}), {f.name for f in dataclasses.fields(NodeConfig)})
+    node = NodeConfig(
+        ae_title=s.get("ae_title", str, d.ae_title, validate_ae_title),
+        bind_address=s.get("bind_address", str, d.bind_address, _ip),
+        port=s.get("port", int, d.port, _port),
+        accept_unknown_peers=s.get("accept_unknown_peers", bool, d.accept_unknown_peers),
+        require_called_ae_title=s.get("require_called_ae_title", bool, d.require_called_ae_title),
+        max_associations=s.get("max_associations", int, d.max_associations, _positive),
+        max_pdu_bytes=s.get("max_pdu_bytes", int, d.max_pdu_bytes, _pdu),
+        acse_timeout_s=s.get("acse_timeout_s", float, d.acse_timeout_s, _positive),
+        dimse_timeout_s=s.get("dimse_timeout_s", float, d.dimse_timeout_s, _positive),
+        network_timeout_s=s.get("network_timeout_s", float, d.network_timeout_s, _positive),
+        receive_processes=s.get("receive_processes", int, d.receive_processes, _non_negative),
+    )
+
+    s = _Section(cfg_path, "tls", raw.get("tls", {}),
+                 {"certificate", "private_key", "ca_certificates", "require_client_certificate"})
+    as_file = lambda v: _readable_file(_relative(base, v))  # noqa: E731
+    tls = TLSConfig(
+        certificate=s.get("certificate", str, None, as_file),
+        private_key=s.get("private_key", str, None, as_file),
+        ca_certificates=s.get("ca_certificates", str, None, as_file),
+        require_client_certificate=s.get("require_client_certificate", bool, False),
+    )
+    if tls.certificate and not tls.private_key:
+        raise s.error("private_key", "is required when certificate is set")
+    if tls.private_key and not tls.certificate:
+        raise s.error("certificate", "is required when private_key is set")
+    if tls.require_client_certificate and not tls.ca_certificates:
+        raise s.error("ca_certificates", "is required when require_client_certificate is true")
+    if (tls.ca_certificates or tls.require_client_certificate) and not tls.enabled:
+        raise s.error("certificate", "is required to use TLS (ca_certificates is set)")
+
+    peers_raw = raw.get("peers", {})
+    if not isinstance(peers_raw, dict):
+        raise ConfigError(f"{cfg_path}: [peers]: must hold tables [peers.NAME]")
+    peers: dict[str, PeerConfig] = {}
+    seen: dict[str, str] = {}
+    for name, table in peers_raw.items():
+        s = _Section(cfg_path, f"peers.{name}", table, {"ae_title", "host", "port", "allow_store"})
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise s.error(None, f"peer name {name!r} may hold only letters, digits, '-' and '_'")
+        if name.lower() in seen:
+            raise s.error(None, f"peer name {name!r} repeats [peers.{seen[name.lower()]}]")
+        seen[name.lower()] = name
+        for key in ("ae_title", "host", "port"):
+            if key not in table:
+                raise s.error(key, "is required")
+        host = s.get("host", str, None)
+        peers[name] = PeerConfig(
+            name=name,
+            ae_title=s.get("ae_title", str, None, validate_ae_title),
+            host=host,
+            port=s.get("port", int, None, _port),
+            allow_store=s.get("allow_store", bool, True),
+            addresses=s.get("host", str, None, _resolve),
+        )
+
+    d2 = StorageConfig()
+    s = _Section(cfg_path, "storage", raw.get("storage", {}),
+                 {"root", "database_url", "duplicate_policy", "min_free_bytes"})
+    policies = [p.value for p in DuplicatePolicy]
+
+    def policy(value: str) -> DuplicatePolicy:
+        if value not in policies:
+            raise ValueError(f"{value!r} is not one of {', '.join(policies)}")
+        return DuplicatePolicy(value)
+
+    storage = StorageConfig(
+        root=s.get("root", str, d2.root, lambda v: _writable_root(_relative(base, v))),
+        database_url=s.get("database_url", str, d2.database_url),
+        duplicate_policy=s.get("duplicate_policy", str, d2.duplicate_policy, policy),
+        min_free_bytes=s.get("min_free_bytes", int, d2.min_free_bytes, _non_negative),
+    )
+    if "root" not in raw.get("storage", {}):
+        try:
+            _writable_root(storage.root)
+        except ValueError as exc:
+            raise s.error("root", f"(default) {exc}") from None
+    if storage.database_url:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+        try:
+            make_url(storage.database_url)
+        except ArgumentError:
+            raise s.error("database_url", f"{storage.database_url!r} is not an SQLAlchemy URL") from None
+
+    s = _Section(cfg_path, "completion", raw.get("completion", {}), {"stable_age_s"})
+    completion = CompletionConfig(stable_age_s=s.get("stable_age_s", float, 60.0, _positive))
+
+    return Config(path=cfg_path, node=node, tls=tls, peers=peers, storage=storage,
+                  completion=completion)

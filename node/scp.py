@@ -1,0 +1,476 @@
+"""The DICOM SCP: association policy, C-ECHO and C-STORE.
+
+The C-STORE handler never decodes pixels and never touches the database: it parses the header of
+the received bytes, validates the UIDs, writes the file durably into the store's ``incoming/``
+spool and answers. The indexer (:mod:`storage.indexer`) moves spooled files into the index within
+a fraction of a second; after a crash, start-up reconciliation does. Several receiving processes
+can share one listening socket (:class:`NodeServer`), which is how ingest uses more than one core.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pydicom.config
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.config import Config, DuplicatePolicy
+from storage.files import FileStore, dataset_offset, file_meta_bytes
+from storage.header import read_header_bytes
+from storage.uids import check_uid
+
+logger = logging.getLogger(__name__)
+
+STORE_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+    JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+]
+"""Transfer syntaxes accepted for every storage SOP class; files are stored as received."""
+
+# C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+WRITE_FAILED = 0xA701
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification plus every storage SOP class pynetdicom knows, each with all syntaxes."""
+    contexts = [build_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    for uid in _STORAGE_CLASSES.values():
+        contexts.append(build_context(uid, STORE_TRANSFER_SYNTAXES))
+    return contexts
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+@dataclass
+class AssociationStats:
+    stored: int = 0
+    failed: int = 0
+
+
+class StoreHandler:
+    """Handles EVT_C_STORE: durable write into the spool, then a status.
+
+    Parameters
+    ----------
+    config : Config
+        The node configuration (duplicate policy, free-space floor, our AE title).
+    store : FileStore
+        Where files are written.
+    """
+
+    def __init__(self, config: Config, store: FileStore) -> None:
+        self.store = store
+        self.policy = config.storage.duplicate_policy
+        self.min_free_bytes = config.storage.min_free_bytes
+        self.ae_title = config.node.ae_title
+        self.stats: dict[int, AssociationStats] = {}
+
+    def __call__(self, event: evt.Event) -> int | Dataset:
+        """Store one instance.
+
+        Returns
+        -------
+        int or pydicom.dataset.Dataset
+            The status (with an Error Comment on failure):
+
+            - ``0x0000`` Success: the file is durable in the spool, or an identical copy is
+              already stored, or (policy ``keep``) a different copy is kept.
+            - ``0x0111`` Duplicate SOP Instance: policy ``reject`` and different bytes stored.
+            - ``0xA700`` Out of resources: free space below ``min_free_bytes`` or disk full.
+            - ``0xA701`` Out of resources: the write or fsync failed.
+            - ``0xA900`` Data set does not match SOP class: SOP Class/Instance UID in the data
+              set differ from the request's Affected SOP Class/Instance UID.
+            - ``0xC210`` Cannot understand: the data set cannot be parsed or holds invalid UIDs.
+        """
+        assoc = event.assoc
+        stats = self.stats.setdefault(id(assoc), AssociationStats())
+        status = self._store(event)
+        code = status if isinstance(status, int) else int(status.Status)
+        if code == SUCCESS:
+            stats.stored += 1
+        else:
+            stats.failed += 1
+        return status
+
+    def _store(self, event: evt.Event) -> int | Dataset:
+        request = event.request
+        raw = request.DataSet.getbuffer()
+        ts = event.context.transfer_syntax
+        try:
+            ds = read_header_bytes(raw, ts)
+            sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        except ValueError as exc:
+            logger.warning("C-STORE refused from %s: %s", _peer(event), exc)
+            return _status(CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad bytes
+            logger.warning("C-STORE refused from %s: cannot parse data set (%s)", _peer(event),
+                           type(exc).__name__)
+            return _status(CANNOT_UNDERSTAND, "data set cannot be parsed")
+        if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
+            logger.warning("C-STORE refused from %s: data set UIDs differ from the request "
+                           "(study %s)", _peer(event), study_uid)
+            return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                           "SOP Class/Instance UID differ from the request")
+        if self.min_free_bytes and self.store.free_bytes() - len(raw) < self.min_free_bytes:
+            logger.error("C-STORE refused from %s: free space below min_free_bytes (study %s)",
+                         _peer(event), study_uid)
+            return _status(OUT_OF_RESOURCES, "storage below its free-space floor")
+
+        existing = self.store.existing(study_uid, series_uid, sop_uid)
+        if existing is not None:
+            try:
+                identical = _same_dataset(existing, raw)
+            except FileNotFoundError:  # moved by the indexer meanwhile: look again
+                existing = self.store.existing(study_uid, series_uid, sop_uid)
+                identical = existing is not None and _same_dataset(existing, raw)
+            if identical:
+                return SUCCESS
+            if existing is not None and self.policy is not DuplicatePolicy.OVERWRITE:
+                logger.warning("Duplicate SOP Instance %s with different bytes from %s (study "
+                               "%s): %s", sop_uid, _peer(event), study_uid,
+                               "kept the stored one" if self.policy is DuplicatePolicy.KEEP
+                               else "refused")
+                if self.policy is DuplicatePolicy.KEEP:
+                    return SUCCESS
+                return _status(DUPLICATE_SOP_INSTANCE, "different instance with this UID stored")
+            logger.info("Duplicate SOP Instance %s from %s replaces the stored one (study %s)",
+                        sop_uid, _peer(event), study_uid)
+
+        requestor = event.assoc.requestor
+        meta = file_meta_bytes(sop_class, sop_uid, ts, requestor.ae_title,
+                               f"dicom://{requestor.address}:{requestor.port}", self.ae_title)
+        try:
+            self.store.write_incoming(sop_uid, (meta, raw))
+        except OSError as exc:
+            logger.error("C-STORE from %s could not be written (study %s): %s", _peer(event),
+                         study_uid, exc.strerror)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                return _status(OUT_OF_RESOURCES, "storage full")
+            return _status(WRITE_FAILED, "storage write failed")
+        return SUCCESS
+
+
+def _same_dataset(path: Any, raw: memoryview) -> bool:
+    with open(path, "rb") as f:
+        data = f.read()
+    return memoryview(data)[dataset_offset(data[:4096]):] == raw
+
+
+def _peer(event: evt.Event) -> str:
+    requestor = event.assoc.requestor
+    return f"{requestor.ae_title!r}@{requestor.address}"
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always Success (0x0000)."""
+    return SUCCESS
+
+
+class NodeACSE(ACSE):
+    """ACSE with the node's association policy, checked before context negotiation."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        server = self.assoc._server
+        policy: AssociationPolicy = server.policy
+        rq = self.requestor.primitive
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        address = self.assoc.requestor.address
+        reason = policy.check(calling, called, address, server.total_active())
+        if reason is None:
+            super()._negotiate_as_acceptor()
+            return
+        logger.warning("Association from %r@%s to %r rejected: %s", calling, address, called,
+                       reason[0])
+        self.send_reject(*reason[1])
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+@dataclass(frozen=True)
+class AssociationPolicy:
+    """Who may associate: called AE, known calling AE + address, association limit."""
+
+    config: Config
+
+    def check(self, calling: str, called: str, address: str,
+              active: int) -> tuple[str, tuple[int, int, int]] | None:
+        node = self.config.node
+        if node.require_called_ae_title and called != node.ae_title:
+            return f"called AE title {called!r} is not {node.ae_title!r}", REJECT_CALLED_AE
+        if not node.accept_unknown_peers and self.config.peer_for_store(calling, address) is None:
+            return ("calling AE title and address match no [peers] entry with allow_store",
+                    REJECT_CALLING_AE)
+        if active > node.max_associations:
+            return f"{active - 1} associations active (max_associations)", REJECT_LOCAL_LIMIT
+        return None
+
+
+class NodeRequestHandler(RequestHandler):
+    """Creates each acceptor association with the node's ACSE and shared (not copied) contexts.
+
+    pynetdicom deep-copies the supported contexts for every association (about a second for
+    every storage SOP class x 13 transfer syntaxes); negotiation only reads them, so one list
+    is shared.
+    """
+
+    def _create_association(self) -> Association:
+        assoc = Association(self.ae, "acceptor")
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{self.client_address[0]}:{self.client_address[1]}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = self.server.contexts  # shared, read-only
+        assoc.requestor.address_info = self.remote
+        assoc.acse = NodeACSE(assoc)
+        for event, handlers in self.server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a (possibly shared) listening socket.
+
+    Parameters
+    ----------
+    listen_socket : socket.socket
+        A bound, listening socket, possibly shared with sibling processes.
+    active : sequence of int
+        Shared counters of active associations, one slot per receiving process.
+    slot : int
+        This process's slot in ``active``.
+    """
+
+    def __init__(self, ae: AE, listen_socket: socket.socket, ae_title: str,
+                 contexts: list[PresentationContext], ssl_context: ssl.SSLContext | None,
+                 evt_handlers: list[Any], policy: AssociationPolicy,
+                 active: Any, slot: int) -> None:
+        self._listen_socket = listen_socket
+        self.policy = policy
+        self.active = active
+        self.slot = slot
+        super().__init__(ae, listen_socket.getsockname()[:2], ae_title, contexts, ssl_context,
+                         evt_handlers, request_handler=NodeRequestHandler)
+        self.daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self._listen_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening (the socket is created by the node)."""
+
+    def server_close(self) -> None:
+        self.socket.close()  # never shutdown(): siblings share the listening socket
+
+    def total_active(self) -> int:
+        return sum(self.active[:])
+
+    def _handle_request_noblock(self) -> None:
+        # Leave a new connection to a less busy sibling process, so concurrent senders spread
+        # over the cores; the sibling's select() sees the same pending connection.
+        mine = self.active[self.slot]
+        if len(self.active) > 1 and mine > min(self.active[:]):
+            threading.Event().wait(0.002)
+            return
+        super()._handle_request_noblock()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()  # BlockingIOError when a sibling won the race
+        client.setblocking(True)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.active.get_lock():
+            self.active[self.slot] += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.active.get_lock():
+                self.active[self.slot] -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.active.get_lock():
+                self.active[self.slot] -= 1
+
+
+def make_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context from ``[tls]``, or ``None`` when TLS is off."""
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates:
+        context.load_verify_locations(str(tls.ca_certificates))
+        context.verify_mode = (ssl.CERT_REQUIRED if tls.require_client_certificate
+                               else ssl.CERT_OPTIONAL)
+    return context
+
+
+def listen_socket(config: Config) -> socket.socket:
+    """Bind and listen on ``[node] bind_address`` and ``port``."""
+    family = socket.AF_INET6 if ":" in config.node.bind_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.node.bind_address, config.node.port))
+    sock.listen(128)
+    return sock
+
+
+def configure_receive_process() -> None:
+    """Process-wide settings for a receiving process.
+
+    pydicom's value validation runs for every file meta and response encoded; the values we
+    encode are validated by us (UIDs) or by pynetdicom, so validation is switched off here.
+    """
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class Receiver:
+    """One receiving AE on a listening socket, serving in background threads.
+
+    Parameters
+    ----------
+    config : Config
+        The node configuration.
+    store : FileStore
+        Where instances are written.
+    sock : socket.socket
+        A bound, listening socket (see :func:`listen_socket`); may be shared across processes.
+    active : multiprocessing.Array, optional
+        Shared association counters; a private one-slot array by default.
+    slot : int
+        This receiver's slot in ``active``.
+    """
+
+    def __init__(self, config: Config, store: FileStore, sock: socket.socket,
+                 active: Any = None, slot: int = 0) -> None:
+        import multiprocessing
+
+        configure_receive_process()
+        self.config = config
+        self.store_handler = StoreHandler(config, store)
+        self.ae = AE(ae_title=config.node.ae_title)
+        self.ae.maximum_associations = max(config.node.max_associations * 2, 10)
+        self.ae.maximum_pdu_size = config.node.max_pdu_bytes
+        self.ae.acse_timeout = config.node.acse_timeout_s
+        self.ae.dimse_timeout = config.node.dimse_timeout_s
+        self.ae.network_timeout = config.node.network_timeout_s
+        self.ae.require_called_aet = False  # checked by AssociationPolicy
+        active = active if active is not None else multiprocessing.Array("i", 1)
+        handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, self.store_handler),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        self.server = NodeServer(self.ae, sock, config.node.ae_title, supported_contexts(),
+                                 make_ssl_context(config), handlers, AssociationPolicy(config),
+                                 active, slot)
+        self.ae._servers.append(self.server)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def _on_established(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        logger.info("Association from %r@%s:%s accepted", r.ae_title, r.address, r.port)
+
+    def _on_close(self, event: evt.Event) -> None:
+        stats = self.store_handler.stats.pop(id(event.assoc), None)
+        if stats is not None:
+            r = event.assoc.requestor
+            logger.info("Association from %r@%s closed: %d stored, %d failed", r.ae_title,
+                        r.address, stats.stored, stats.failed)
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.2,),
+                                        name="msvlm-accept", daemon=True)
+        self._thread.start()
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever(0.2)
+
+    def stop(self) -> None:
+        """Stop accepting, abort open associations and close the socket."""
+        self.server.shutdown()
+        for assoc in list(self.server.active_associations):
+            assoc.abort()
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Linux: deliver ``sig`` to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)
+    except OSError:  # pragma: no cover - not Linux
+        pass

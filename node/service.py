@@ -1,0 +1,154 @@
+"""The running node: receiving processes, the indexer, start-up reconciliation, shutdown.
+
+``serve`` binds the port, forks ``receive_processes`` children that share the listening socket
+(each a pynetdicom server writing into the spool), then reconciles and runs the indexer in the
+parent. Children never touch the database, so ingest scales over cores without write contention;
+they die with the parent (PR_SET_PDEATHSIG) and are restarted if they die alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from node.config import Config
+from node.scp import Receiver, listen_socket, set_parent_death_signal
+from storage.files import FileStore
+from storage.index import Index
+from storage.indexer import Indexer
+
+logger = logging.getLogger(__name__)
+
+
+def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int) -> None:
+    set_parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    store = FileStore(config.storage.root)
+    receiver = Receiver(config, store, sock, active, slot)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    receiver.start()
+    while not stop.wait(1.0):
+        if os.getppid() == 1:  # parent gone before the death signal was armed
+            break
+    receiver.stop()
+
+
+class Node:
+    """The whole node in one object (``msvlm-node serve`` runs :meth:`serve`).
+
+    Parameters
+    ----------
+    config : Config
+        The validated configuration.
+    processes : int, optional
+        Receiving processes; default ``[node] receive_processes``. With ``1`` the receiver runs
+        as threads of this process (what the in-process tests use).
+    """
+
+    def __init__(self, config: Config, processes: int | None = None) -> None:
+        self.config = config
+        self.processes = processes or config.node.effective_receive_processes
+        self.sock: socket.socket | None = None
+        self.receiver: Receiver | None = None
+        self.children: list[multiprocessing.process.BaseProcess] = []
+        self.active: Any = None
+        self.index: Index | None = None
+        self.indexer: Indexer | None = None
+        self._ctx = multiprocessing.get_context("fork")
+
+    @property
+    def port(self) -> int:
+        assert self.sock is not None
+        return int(self.sock.getsockname()[1])
+
+    def start(self) -> None:
+        """Bind, start receiving, reconcile the spool and start the indexer; returns at once."""
+        cfg = self.config
+        store = FileStore(cfg.storage.root)
+        leftover = store.cleanup_tmp()
+        if leftover:
+            logger.info("Removed %d partial files left by an earlier stop (never acknowledged)",
+                        leftover)
+        self.sock = listen_socket(cfg)
+        self.active = self._ctx.Array("i", self.processes)
+        if self.processes == 1:
+            self.receiver = Receiver(cfg, store, self.sock, self.active, 0)
+            self.receiver.start()
+        else:
+            # Fork before any thread of ours exists, so children start from a clean state.
+            for slot in range(self.processes):
+                self.children.append(self._spawn(slot))
+        self.index = Index(cfg.storage.effective_database_url, store)
+        pending = len(store.pending())
+        self.indexer = Indexer(self.index)
+        if pending:
+            logger.info("Reconciling: %d received instances not yet indexed", pending)
+            self.indexer.run_once()
+        self.indexer.start()
+        logger.info("Listening as %r on %s:%d with %d receiving process(es); storage %s",
+                    cfg.node.ae_title, cfg.node.bind_address, self.port, self.processes,
+                    cfg.storage.root)
+
+    def _spawn(self, slot: int) -> multiprocessing.process.BaseProcess:
+        assert self.sock is not None
+        self.active[slot] = 0
+        proc = self._ctx.Process(target=_receive_process, name=f"msvlm-receive-{slot}",
+                                 args=(self.config, self.sock, self.active, slot), daemon=True)
+        proc.start()
+        return proc
+
+    def supervise(self) -> None:
+        """Restart receiving processes that died on their own."""
+        for slot, proc in enumerate(self.children):
+            if not proc.is_alive():
+                logger.error("Receiving process %d exited with %s; restarting", slot,
+                             proc.exitcode)
+                self.children[slot] = self._spawn(slot)
+
+    def stop(self) -> None:
+        """Stop receiving, index what was received, close everything."""
+        if self.receiver is not None:
+            self.receiver.stop()
+        for proc in self.children:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.children:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        if self.sock is not None:
+            self.sock.close()
+        if self.indexer is not None:
+            self.indexer.stop()
+        if self.index is not None:
+            self.index.close()
+        logger.info("Stopped")
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                self.supervise()
+        finally:
+            self.stop()
+
+
+def wait_for_index(index: Index, count: int, timeout_s: float = 30.0) -> bool:
+    """Wait until the index holds at least ``count`` instances (a helper for tools and tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if index.instance_count() >= count:
+            return True
+        time.sleep(0.1)
+    return False

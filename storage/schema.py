@@ -1,0 +1,88 @@
+"""The index schema (SQLAlchemy 2.x typed ORM). Changes go through Alembic migrations."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyState(str, enum.Enum):
+    """Where a study is in the node's life cycle."""
+
+    RECEIVING = "receiving"
+    """Instances arrived recently; the study may not be complete."""
+    STABLE = "stable"
+    """No instance for ``stable_age_s``; ready for reporting."""
+    REPORTED = "reported"
+    """A draft report was produced for the instances received so far."""
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    state: Mapped[StudyState] = mapped_column(
+        Enum(StudyState, values_callable=lambda e: [m.value for m in e], native_enum=False,
+             length=16),
+        default=StudyState.RECEIVING)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study",
+                                                cascade="all, delete-orphan")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(128))
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    plane: Mapped[str] = mapped_column(String(16), default="unknown")
+    phase: Mapped[str] = mapped_column(String(16), default="unknown")
+    is_localizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series",
+                                                     cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    source_address: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    position_mm: Mapped[float | None] = mapped_column(Float)
+    image_type: Mapped[str | None] = mapped_column(String(128))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
