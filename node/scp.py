@@ -222,7 +222,7 @@ class NodeACSE(ACSE):
         calling = str(rq.calling_ae_title).strip()
         called = str(rq.called_ae_title).strip()
         address = self.assoc.requestor.address
-        reason = policy.check(calling, called, address, server.total_active())
+        reason = policy.check(calling, called, address, server.refresh_active())
         if reason is None:
             super()._negotiate_as_acceptor()
             return
@@ -319,9 +319,6 @@ class NodeServer(ThreadedAssociationServer):
     def server_close(self) -> None:
         self.socket.close()  # never shutdown(): siblings share the listening socket
 
-    def total_active(self) -> int:
-        return sum(self.active[:])
-
     def _handle_request_noblock(self) -> None:
         # Leave a new connection to a less busy sibling process, so concurrent senders spread
         # over the cores; the sibling's select() sees the same pending connection.
@@ -338,22 +335,19 @@ class NodeServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True)
         return client, address
 
+    def refresh_active(self) -> int:
+        """Publish this process's count of live associations; return the total of all."""
+        self.active[self.slot] = len(self.active_associations)
+        return sum(self.active[:])
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.refresh_active()
+
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.active.get_lock():
-            self.active[self.slot] += 1
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            with self.active.get_lock():
-                self.active[self.slot] -= 1
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.active.get_lock():
-                self.active[self.slot] -= 1
+            self.active[self.slot] += 1  # provisional until the association thread runs
+        super().process_request(request, client_address)
 
 
 def make_ssl_context(config: Config) -> ssl.SSLContext | None:
