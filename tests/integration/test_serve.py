@@ -1,0 +1,177 @@
+"""The console script as an admin uses it: serve, echo, send, studies, series, reindex, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from node.config import Config
+from tests.conftest import MSVLM_NODE, ROOT, ServeProcess, ct_files, dcmtk, run_cli, wait_port
+
+pytestmark = pytest.mark.integration
+
+STUDY_UID = "1.3.6.1.4.1.14519.5.2.1.21087345762211724523378497892240459677"
+
+
+def wait_for_instances(config: Config, count: int, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    out = ""
+    while time.monotonic() < deadline:
+        out = run_cli("studies", "-c", str(config.path)).stdout
+        if f" {count} " in out:
+            return out
+        time.sleep(0.3)
+    raise AssertionError(f"index never showed {count} instances:\n{out}")
+
+
+def test_console_script_end_to_end(make_config: Callable[..., Config],
+                                   serve: Callable[[Config], ServeProcess]) -> None:
+    files = ct_files()
+    config = make_config(node={"receive_processes": 2, "accept_unknown_peers": False},
+                         peers__ct={"ae_title": "CT01", "host": "127.0.0.1", "port": 104})
+    proc = serve(config)
+
+    echo = run_cli("echo", "-c", str(config.path), f"127.0.0.1:{config.node.port}",
+                   "--called-ae-title", "MSVLM")
+    # our own AE title is not a [peers] entry: the node rejects us, and says so
+    assert echo.returncode == 2 and "rejected" in echo.stdout
+
+    result = subprocess.run([dcmtk("storescu"), "-aet", "CT01", "-aec", "MSVLM", "+sd", "+sp",
+                             "*.dcm", "127.0.0.1", str(config.node.port), str(files[0].parent)],
+                            capture_output=True, text=True, timeout=300,
+                            env={"TCP_NODELAY": "1"})
+    assert result.returncode == 0, result.stderr
+    studies = wait_for_instances(config, 134)
+    assert STUDY_UID in studies and "axial" in studies and "CT" in studies
+    series = run_cli("series", "-c", str(config.path), STUDY_UID)
+    assert series.returncode == 0
+    assert "axial" in series.stdout and "134" in series.stdout and "CHEST" in series.stdout
+
+    # logs carry study UID / AE / address, never the patient's name or ID
+    log = proc.output()
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert "'CT01'@127.0.0.1" in log
+    assert str(ds.PatientName) not in log and str(ds.PatientID) not in log
+
+    # reindex rebuilds the index from the files alone
+    proc.stop()
+    (config.storage.root / "index.sqlite").unlink()
+    for extra in ("index.sqlite-wal", "index.sqlite-shm"):
+        (config.storage.root / extra).unlink(missing_ok=True)
+    rebuilt = run_cli("reindex", "-c", str(config.path))
+    assert rebuilt.returncode == 0 and "Reindexed 134" in rebuilt.stdout
+    assert " 134 " in run_cli("studies", "-c", str(config.path)).stdout
+
+
+def test_send_and_echo_commands_between_two_nodes(
+        make_config: Callable[..., Config], serve: Callable[[Config], ServeProcess],
+        tmp_path: Path) -> None:
+    receiver_cfg = make_config()
+    serve(receiver_cfg)
+    sender_dir = tmp_path / "sender"
+    sender_dir.mkdir()
+    sender_cfg_path = sender_dir / "config.toml"
+    sender_cfg_path.write_text(
+        f'[node]\nae_title = "SENDNODE"\nport = 11112\n'
+        f'[storage]\nroot = "{sender_dir / "store"}"\n'
+        f'[peers.archive]\nae_title = "MSVLM"\nhost = "127.0.0.1"\n'
+        f"port = {receiver_cfg.node.port}\n")
+    echo = run_cli("echo", "archive", "-c", str(sender_cfg_path))
+    assert echo.returncode == 0 and "Success" in echo.stdout
+    files = ct_files()[:10]
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not DICOM")
+    sent = run_cli("send", *map(str, files), str(junk), "--to", "archive",
+                   "-c", str(sender_cfg_path))
+    assert sent.returncode == 1  # one file was not DICOM, and the summary says so
+    assert "0x0000: 10" in sent.stdout and "not DICOM: 1" in sent.stdout
+    assert f"FAILED {junk}" in sent.stdout
+    wait_for_instances(receiver_cfg, 10)
+    unknown = run_cli("send", str(files[0]), "--to", "nowhere", "-c", str(sender_cfg_path))
+    assert unknown.returncode == 2 and "not a peer name (archive)" in unknown.stderr
+
+
+def test_sigkill_mid_ingest_loses_nothing_acknowledged(
+        make_config: Callable[..., Config], serve: Callable[[Config], ServeProcess]) -> None:
+    files = ct_files()
+    config = make_config(node={"receive_processes": 2})
+    proc = serve(config)
+    acknowledged: list[str] = []
+    stop_at = 60
+
+    def sender() -> None:
+        ae = AE(ae_title="KILLTEST")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2")
+        assoc = ae.associate("127.0.0.1", config.node.port, ae_title="MSVLM")
+        for f in files:
+            try:
+                rsp = assoc.send_c_store(f)
+            except Exception:  # noqa: BLE001 - the node was killed
+                return
+            if "Status" not in rsp:
+                return
+            if rsp.Status == 0:
+                acknowledged.append(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    while len(acknowledged) < stop_at and thread.is_alive():
+        time.sleep(0.005)
+    proc.proc.send_signal(signal.SIGKILL)
+    proc.proc.wait()
+    thread.join(timeout=60)
+    assert stop_at <= len(acknowledged) < 134
+    # the receiving children die with the parent: the port is free for the restart
+    time.sleep(0.5)
+    proc2 = serve(config)
+    wait_port(config.node.port)
+    deadline = time.monotonic() + 60
+    from storage.files import FileStore
+    from storage.index import Index
+    index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
+    try:
+        while time.monotonic() < deadline:
+            with index.sessions() as session:
+                from sqlalchemy import select
+
+                from storage.schema import Instance
+                stored = set(session.scalars(select(Instance.sop_instance_uid)))
+            if set(acknowledged) <= stored:
+                break
+            time.sleep(0.2)
+        assert set(acknowledged) <= stored
+    finally:
+        index.close()
+    assert list((config.storage.root / "tmp").iterdir()) == []
+    proc2.stop()
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze missing (apt-get install systemd)")
+    unit = (ROOT / "systemd" / "msvlm-node.service").read_text()
+    script = shutil.which("msvlm-node") or MSVLM_NODE
+    assert "ExecStart=/usr/local/bin/msvlm-node serve -c /etc/msvlm-node/config.toml" in unit
+    for needed in ("ProtectSystem=strict", "NoNewPrivileges=true",
+                   "SystemCallFilter=@system-service", "StateDirectory=msvlm-node",
+                   "Restart=on-failure", "HF_HUB_OFFLINE=1", "User=msvlm-node"):
+        assert needed in unit
+    copy = tmp_path / "msvlm-node.service"
+    copy.write_text(unit.replace("/usr/local/bin/msvlm-node", script))
+    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                            timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if "msvlm-node.service" in line]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
