@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from pathlib import Path
 
@@ -18,7 +19,12 @@ def _stop_at_pixels(tag: object, vr: object, length: object) -> bool:
     return int(tag) in _PIXEL_TAGS  # type: ignore[call-overload]
 
 
-def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str) -> Dataset:
+def _stop_after_series_uid(tag: object, vr: object, length: object) -> bool:
+    return int(tag) > 0x0020000E  # type: ignore[call-overload]
+
+
+def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str,
+                      identifiers_only: bool = False) -> Dataset:
     """Parse the header of a data set as received over the network.
 
     Parameters
@@ -27,6 +33,9 @@ def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str) -> Data
         The encoded data set (no preamble, no file meta), as in a C-STORE request.
     transfer_syntax_uid : str
         The transfer syntax of the accepted presentation context.
+    identifiers_only : bool
+        Stop after Series Instance UID (0020,000E): enough for the SOP Class, SOP Instance,
+        Study and Series UIDs, and about half the work of a full header on the receive path.
 
     Returns
     -------
@@ -39,14 +48,108 @@ def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str) -> Data
         Any error from pydicom or zlib when the bytes cannot be parsed.
     """
     ts = UID(transfer_syntax_uid)
-    data = bytes(raw)
+    data = raw
     if ts == DeflatedExplicitVRLittleEndian:
         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
     ds = read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
-                      stop_when=_stop_at_pixels)
+                      stop_when=_stop_after_series_uid if identifiers_only else _stop_at_pixels)
     return ds
 
 
 def read_header_file(path: str | Path) -> Dataset:
     """Parse a stored file up to its pixel data (file meta included)."""
     return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+IDENTIFIER_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+             b"UV"}
+
+
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+class _Walker:
+    """Skips through encoded elements without decoding values (see :func:`scan_identifiers`)."""
+
+    def __init__(self, data: memoryview, implicit: bool, little: bool) -> None:
+        self.data, self.end, self.implicit = data, len(data), implicit
+        self.tag = struct.Struct("<HH" if little else ">HH")
+        self.long = struct.Struct("<I" if little else ">I")
+        self.short = struct.Struct("<H" if little else ">H")
+
+    def header(self, pos: int) -> tuple[int, int, int]:
+        """(tag, value length, header length) of the element at ``pos``."""
+        if pos + 8 > self.end:
+            raise ValueError("data set ends inside an element header")
+        group, element = self.tag.unpack_from(self.data, pos)
+        tag = group << 16 | element
+        if self.implicit or group == 0xFFFE:
+            return tag, self.long.unpack_from(self.data, pos + 4)[0], 8
+        if bytes(self.data[pos + 4:pos + 6]) in _LONG_VRS:
+            if pos + 12 > self.end:
+                raise ValueError("data set ends inside an element header")
+            return tag, self.long.unpack_from(self.data, pos + 8)[0], 12
+        return tag, self.short.unpack_from(self.data, pos + 6)[0], 8
+
+    def skip_sequence(self, pos: int) -> int:
+        """From the first item of an undefined-length sequence to after its delimiter."""
+        while True:
+            tag, length, size = self.header(pos)
+            pos += size
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise ValueError(f"unexpected tag {tag:08X} in a sequence")
+            pos = self.elements(pos, nested=True) if length == _UNDEFINED else pos + length
+            if pos > self.end:
+                raise ValueError("sequence item runs past the end of the data")
+
+    def elements(self, pos: int, nested: bool, found: dict[str, str] | None = None) -> int:
+        """Walk elements from ``pos``: to the item delimiter (nested) or the pixel data."""
+        while pos < self.end:
+            tag, length, size = self.header(pos)
+            if nested and tag == _ITEM_END:
+                return pos + size
+            if not nested and tag in _PIXEL_TAGS:
+                return pos
+            pos += size
+            if length == _UNDEFINED:
+                pos = self.skip_sequence(pos)
+                continue
+            if pos + length > self.end:
+                raise ValueError(f"element {tag:08X} runs past the end of the data")
+            if found is not None and tag in IDENTIFIER_TAGS:
+                value = bytes(self.data[pos:pos + length])
+                found[IDENTIFIER_TAGS[tag]] = value.rstrip(b"\x00 ").decode("ascii", "replace")
+            pos += length
+        if nested:
+            raise ValueError("sequence item without its delimiter")
+        return pos
+
+
+def scan_identifiers(raw: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, str] | None:
+    """Read the four identifying UIDs from a received data set without building a Dataset.
+
+    Walks every top-level element up to the pixel data (through sequences of any length),
+    checking that each fits in the data, and keeps the values of :data:`IDENTIFIER_TAGS`. This is
+    the hot path of the C-STORE handler; a deflated data set returns ``None`` and the caller falls
+    back to :func:`read_header_bytes`.
+
+    Raises
+    ------
+    ValueError
+        The data set is truncated or its structure is corrupt.
+    """
+    ts = UID(transfer_syntax_uid)
+    if ts == DeflatedExplicitVRLittleEndian:
+        return None
+    found: dict[str, str] = {}
+    _Walker(memoryview(raw), ts.is_implicit_VR, ts.is_little_endian).elements(0, False, found)
+    return found
