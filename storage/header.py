@@ -56,9 +56,25 @@ def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str,
     return ds
 
 
-def read_header_file(path: str | Path) -> Dataset:
-    """Parse a stored file up to its pixel data (file meta included)."""
-    return pydicom.dcmread(path, stop_before_pixels=True)
+INDEX_KEYWORDS = [
+    # identity and provenance
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+    "SeriesInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "Modality",
+    "BodyPartExamined", "SeriesNumber", "SeriesDescription", "ProtocolName", "SeriesTime",
+    "AcquisitionTime", "InstanceNumber",
+    # geometry and image
+    "ImageType", "Rows", "Columns", "NumberOfFrames", "ImageOrientationPatient",
+    "ImagePositionPatient", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    # contrast and sequence (phase)
+    "ContrastBolusAgent", "ContrastBolusAgentSequence", "ContrastBolusStartTime", "SequenceName",
+    "DiffusionBValue", "RepetitionTime", "EchoTime", "InversionTime",
+]
+"""What the index and the classifier read from a stored file; nothing else is parsed."""
+
+
+def read_header_file(path: str | Path, keywords: list[str] | None = INDEX_KEYWORDS) -> Dataset:
+    """Parse a stored file's header (file meta included), only ``keywords`` (``None``: all)."""
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=keywords)
 
 
 IDENTIFIER_TAGS = {

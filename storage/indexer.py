@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from storage.index import Index
@@ -25,10 +26,14 @@ class Indexer:
         How often an idle indexer looks at the spool, in seconds.
     batch : int
         Most files per transaction.
+    niceness : int
+        Scheduling niceness of the indexing thread (Linux applies it per thread).
     """
 
-    def __init__(self, index: Index, poll_s: float = 0.1, batch: int = 500) -> None:
+    def __init__(self, index: Index, poll_s: float = 0.1, batch: int = 500,
+                 niceness: int = 10) -> None:
         self.index = index
+        self.niceness = niceness
         self.poll_s = poll_s
         self.batch = batch
         self._stop = threading.Event()
@@ -44,6 +49,12 @@ class Indexer:
             total += self.index.drain(pending)
 
     def _loop(self) -> None:
+        # Receiving answers senders and must not wait for indexing: under load this thread
+        # yields the cores to the receiving processes and catches up when they idle.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            pass
         delay = self.poll_s
         while not self._stop.is_set():
             try:
