@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -312,8 +313,14 @@ def test_sop_instance_uid_mismatch_answers_a900(make_config: Callable[..., Confi
     context = assoc._get_valid_context(CTImageStorage, "", "scu")
     request.DataSet = BytesIO(encode(ds, context.transfer_syntax[0].is_implicit_VR,
                                      context.transfer_syntax[0].is_little_endian))
-    assoc.dimse.send_msg(request, context.context_id)
-    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.clear()  # pause the requestor's reactor, as send_c_store does
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
     assert response.Status == 0xA900
     assert assoc.send_c_echo().Status == 0
     assoc.release()
