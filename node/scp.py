@@ -435,9 +435,21 @@ class NodeServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # BlockingIOError when a sibling won the race
         client.setblocking(True)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the connection's own thread, so a slow or silent
+        # client cannot hold up the accept loop.
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                request.close()
+                return
+        super().process_request_thread(request, client_address)
 
     def refresh_active(self) -> int:
         """Publish this process's count of live associations; return the total of all."""
