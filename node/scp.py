@@ -17,7 +17,7 @@ import ssl
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, cast
 
 import pydicom.config
 import pynetdicom._config
@@ -77,9 +77,9 @@ REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 def supported_contexts() -> list[PresentationContext]:
     """Verification plus every storage SOP class pynetdicom knows, each with all syntaxes."""
-    contexts = [build_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    contexts = [build_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]  # type: ignore[arg-type]
     for uid in _STORAGE_CLASSES.values():
-        contexts.append(build_context(uid, STORE_TRANSFER_SYNTAXES))
+        contexts.append(build_context(uid, STORE_TRANSFER_SYNTAXES))  # type: ignore[arg-type]
     return contexts
 
 
@@ -142,7 +142,7 @@ class StoreHandler:
         return status
 
     def _store(self, event: evt.Event) -> int | Dataset:
-        request = event.request
+        request: Any = event.request
         raw = request.DataSet.getbuffer()
         ts = event.context.transfer_syntax
         try:
@@ -224,9 +224,9 @@ class NodeACSE(ACSE):
     """ACSE with the node's association policy, checked before context negotiation."""
 
     def _negotiate_as_acceptor(self) -> None:
-        server = self.assoc._server
+        server: Any = self.assoc._server
         policy: AssociationPolicy = server.policy
-        rq = self.requestor.primitive
+        rq: Any = self.requestor.primitive
         calling = str(rq.calling_ae_title).strip()
         called = str(rq.called_ae_title).strip()
         address = self.assoc.requestor.address
@@ -327,7 +327,7 @@ class NodeAssociation(Association):
             except queue.Empty:
                 context_id, msg = None, None
             if msg:
-                self._serve_request(msg, context_id)
+                self._serve_request(msg, cast(int, context_id))
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
                 self.is_released = True
@@ -377,7 +377,8 @@ class NodeRequestHandler(RequestHandler):
         # The DUL reactor sleeps this long whenever the socket had nothing for it; the default
         # 1 ms is paid once per C-STORE on a one-at-a-time sender.
         assoc.dul._run_loop_delay = 0.0001
-        for event, handlers in self.server._handlers.items():
+        server: Any = self.server
+        for event, handlers in server._handlers.items():
             if event.is_intervention and handlers:
                 assoc.bind(event, *handlers)
             elif isinstance(event, evt.NotificationEvent):
@@ -412,7 +413,8 @@ class NodeServer(ThreadedAssociationServer):
         self.daemon_threads = True
 
     def server_bind(self) -> None:
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()  # the unbound socket TCPServer made; ours is already bound
         self.socket = self._listen_socket
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()
@@ -421,19 +423,19 @@ class NodeServer(ThreadedAssociationServer):
         """Already listening (the socket is created by the node)."""
 
     def server_close(self) -> None:
-        self.socket.close()  # never shutdown(): siblings share the listening socket
+        self._listen_socket.close()  # never shutdown(): siblings share the listening socket
 
-    def _handle_request_noblock(self) -> None:
+    def _handle_request_noblock(self) -> None:  # type: ignore[override]
         # Leave a new connection to a less busy sibling process, so concurrent senders spread
         # over the cores; the sibling's select() sees the same pending connection.
         mine = self.active[self.slot]
         if len(self.active) > 1 and mine > min(self.active[:]):
             threading.Event().wait(0.002)
             return
-        super()._handle_request_noblock()
+        super()._handle_request_noblock()  # type: ignore[misc]
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()  # BlockingIOError when a sibling won the race
+        client, address = self._listen_socket.accept()  # BlockingIOError: a sibling won
         client.setblocking(True)
         return client, address
 

@@ -14,7 +14,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Config
 

@@ -117,7 +117,7 @@ class Node:
         if self.receiver is not None:
             self.receiver.stop()
         for proc in self.children:
-            if proc.is_alive():
+            if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
         for proc in self.children:
             proc.join(timeout=10)

@@ -122,7 +122,8 @@ class FileStore:
         return st.f_bavail * st.f_frsize
 
     # -- writing ----------------------------------------------------------------------------------
-    def write_incoming(self, sop_instance_uid: str, parts: Sequence[bytes]) -> Path:
+    def write_incoming(self, sop_instance_uid: str,
+                       parts: Sequence[bytes | memoryview]) -> Path:
         """Write one instance durably into ``incoming/`` and return its path.
 
         The bytes go to a temporary file that is fsynced and renamed, then the folder is fsynced,
