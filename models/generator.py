@@ -1,0 +1,154 @@
+"""Checkpoints (config, safetensors weights, tokenizer, model card) and the report generator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.msvlm import MSVLM, EncodedView, MSVLMConfig
+from models.report import Report, load_tokenizer, parse_report, special_ids
+from models.view import View
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "model_card.json"
+TOKENIZER = "tokenizer"
+
+
+def model_version(directory: str | Path) -> str:
+    """First 16 hex characters of the SHA-256 of the weights file (fits a DICOM LO)."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _stored_keys(model: MSVLM) -> list[str]:
+    """Weights saved in the checkpoint: all, except a base LM loaded from ``lm_path`` (only its
+    LoRA adapters are saved then)."""
+    keys = list(model.state_dict())
+    if model.config.lm_path:
+        keys = [k for k in keys if not k.startswith("language_model.") or "lora_" in k]
+    return keys
+
+
+def save_checkpoint(model: MSVLM, tokenizer: Any, directory: str | Path,
+                    card: dict[str, Any]) -> str:
+    """Write a checkpoint folder and return its model version."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in _stored_keys(model)}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps({
+        "model": model.config.to_dict(), "vocab_size": len(tokenizer),
+        "special_ids": model.special_ids}, indent=2))
+    tokenizer.save_pretrained(str(out / TOKENIZER))
+    (out / CARD).write_text(json.dumps(card, indent=2))
+    return model_version(out)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"Invalid 'device' {device!r} - auto, cpu or cuda")
+    return torch.device(device)
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[MSVLM, Any,
+                                                                        dict[str, Any], str]:
+    """(model in eval mode, tokenizer, model card, model version) from a checkpoint folder.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file of the checkpoint is missing.
+    ValueError
+        The weights do not match the config.
+    """
+    path = Path(directory)
+    for name in (WEIGHTS, CONFIG, CARD, TOKENIZER):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"checkpoint {path} has no {name}")
+    meta = json.loads((path / CONFIG).read_text())
+    config = MSVLMConfig.from_dict(meta["model"])
+    tokenizer = load_tokenizer(path / TOKENIZER)
+    model = MSVLM(config, int(meta["vocab_size"]), meta["special_ids"])
+    tensors = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    expected = set(_stored_keys(model))
+    missing_stored = sorted(set(missing) & expected)
+    if missing_stored or unexpected:
+        raise ValueError(f"checkpoint {path}: weights do not match its config (missing "
+                         f"{missing_stored[:5]}, unexpected {list(unexpected)[:5]})")
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer, json.loads((path / CARD).read_text()), model_version(path)
+
+
+class ReportGenerator:
+    """Views in, draft report out: ``encode_slices`` (cacheable) then ``report``.
+
+    Parameters
+    ----------
+    model, tokenizer : the trained parts
+    card : dict
+        The model card (name, modalities, body parts, ...).
+    version : str
+        The model version (hash of the weights).
+    """
+
+    def __init__(self, model: MSVLM, tokenizer: Any, card: dict[str, Any], version: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.card = card
+        self.version = version
+        self.name = str(card.get("name", "MS-VLM"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto") -> ReportGenerator:
+        model, tokenizer, card, version = load_checkpoint(path, device)
+        return cls(model, tokenizer, card, version)
+
+    def encode_slices(self, view: View) -> EncodedView:
+        """Per-slice embeddings of one view (cache them by series UID and ``version``)."""
+        return self.model.encode_slices(view)
+
+    def report(self, encoded: Sequence[EncodedView], max_new_tokens: int | None = None,
+               timings: dict[str, float] | None = None) -> Report:
+        """Write the report for one study from its encoded views."""
+        start = time.perf_counter()
+        ids = self.model.generate_ids([list(encoded)], max_new_tokens)[0]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        findings, impression = parse_report(text)
+        relevance = self.model.slice_relevance()
+        per_view: list[list[float]] = []
+        if relevance is not None:
+            offset = 0
+            for view in encoded:
+                n = view.embeddings.shape[0]
+                per_view.append(relevance[0, offset:offset + n].tolist())
+                offset += n
+        times = dict(timings or {})
+        times["generate_s"] = time.perf_counter() - start
+        return Report(findings, impression, self.name, self.version, times, per_view)
+
+    def generate(self, views: Sequence[View], max_new_tokens: int | None = None) -> Report:
+        """Encode every view and write the report."""
+        if not views:
+            raise ValueError("Invalid 'views' - a study needs at least one view")
+        start = time.perf_counter()
+        encoded = [self.encode_slices(v) for v in views]
+        return self.report(encoded, max_new_tokens, {"encode_s": time.perf_counter() - start})
+
+
+def build_tiny(tokenizer: Any, **overrides: Any) -> MSVLM:
+    """A small model for tests and quick experiments."""
+    return MSVLM(MSVLMConfig(**overrides), len(tokenizer), special_ids(tokenizer))

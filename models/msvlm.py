@@ -1,0 +1,433 @@
+"""MS-VLM, top to bottom: config, preprocessing, vision tower, Z-former, resampler, the model.
+
+Shapes: ``S`` slices of one view, ``L`` slices of a whole study (all views concatenated), ``B``
+studies in a batch, ``G`` global tokens, ``Q`` resampler queries, ``D`` widths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.view import MODALITIES, PHASES, PLANES, View
+
+
+@dataclass
+class MSVLMConfig:
+    """Everything that defines a model; saved as JSON with the weights."""
+
+    # preprocessing: CT HU windows (center, width) become channels; MR is scaled per view
+    image_size: int = 64
+    ct_windows: list[list[float]] = field(default_factory=lambda: [[-600.0, 1500.0],
+                                                                   [40.0, 400.0],
+                                                                   [400.0, 1800.0]])
+    # vision tower (a transformers ViTModel built from these, or loaded from vision_path)
+    vision_path: str | None = None
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_mlp: int = 128
+    pooling: str = "cls"  # "cls" or "mean" (of patch tokens)
+    slice_batch: int = 64
+    freeze_vision: bool = False
+    # Z-former
+    z_hidden: int = 64
+    z_layers: int = 2
+    z_heads: int = 2
+    z_mlp: int = 128
+    z_window: int = 16
+    z_global_tokens: int = 4
+    full_attention_max: int = 256
+    max_views: int = 8
+    mem_mask_ratio: float = 0.3
+    # resampler and projector
+    num_queries: int = 32
+    resampler_layers: int = 1
+    resampler_heads: int = 2
+    # language model (a Llama built from lm_config, or any causal LM loaded from lm_path)
+    lm_path: str | None = None
+    lm_config: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512})
+    lora: dict[str, Any] | None = None  # e.g. {"r": 8, "alpha": 16, "target_modules": [...]}
+    # generation
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MSVLMConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Invalid model config keys {sorted(unknown)} - not in MSVLMConfig")
+        return cls(**values)
+
+
+# -- preprocessing ---------------------------------------------------------------------------------
+
+def preprocess(pixels: np.ndarray | torch.Tensor, modality: str, config: MSVLMConfig,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Slices -> network input ``(S, C, image_size, image_size)`` in [-1, 1].
+
+    CT: one channel per HU window (clipped to the window, scaled). MR: the view scaled by its
+    0.5th and 99.5th percentiles, repeated on every channel.
+    """
+    x = torch.as_tensor(pixels, dtype=torch.float32, device=device)  # (S, H, W)
+    if modality == "CT":
+        channels = []
+        for center, width in config.ct_windows:
+            low = center - width / 2
+            channels.append(((x - low) / width).clamp(0.0, 1.0))
+        x = torch.stack(channels, dim=1)  # (S, C, H, W)
+    else:
+        flat = x.flatten()
+        sample = flat[:: max(1, flat.numel() // 1_000_000)]
+        lo, hi = torch.quantile(sample, 0.005), torch.quantile(sample, 0.995)
+        x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
+        x = x.unsqueeze(1).expand(-1, len(config.ct_windows), -1, -1)  # (S, C, H, W)
+    if x.shape[-2:] != (config.image_size, config.image_size):
+        x = F.interpolate(x, size=(config.image_size, config.image_size), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return x * 2.0 - 1.0
+
+
+# -- vision tower ----------------------------------------------------------------------------------
+
+class SliceEncoder(Protocol):
+    """What the model needs from a vision tower: per-slice embeddings of width ``embed_dim``.
+
+    A 2D encoder embeds each slice alone; the 3D-patch baseline implements the same interface
+    with patches that span several slices.
+    """
+
+    embed_dim: int
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:  # (S, C, H, W) -> (S, D)
+        ...
+
+
+class ViTSliceEncoder(nn.Module):
+    """A transformers ``ViTModel``: one embedding per slice ([CLS] or mean of patch tokens)."""
+
+    def __init__(self, config: MSVLMConfig) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        if config.vision_path:
+            self.vit = ViTModel.from_pretrained(config.vision_path, add_pooling_layer=False,
+                                                local_files_only=True)
+        else:
+            self.vit = ViTModel(ViTConfig(
+                image_size=config.image_size, patch_size=config.patch_size,
+                num_channels=len(config.ct_windows), hidden_size=config.vision_hidden,
+                num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads,
+                intermediate_size=config.vision_mlp), add_pooling_layer=False)
+        self.embed_dim = int(self.vit.config.hidden_size)
+        self.pooling = config.pooling
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        hidden = self.vit(pixel_values=pixels).last_hidden_state  # (S, 1 + N, D)
+        if self.pooling == "mean":
+            return hidden[:, 1:].mean(dim=1)  # (S, D)
+        return hidden[:, 0]  # (S, D)
+
+
+# -- Z-former --------------------------------------------------------------------------------------
+
+def z_encoding(z_mm: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal encoding of positions in mm (wavelengths 2 mm to 2 m), ``(..., dim)``."""
+    half = dim // 2
+    wavelengths = torch.logspace(math.log10(2.0), math.log10(2000.0), half,
+                                 device=z_mm.device, dtype=torch.float32)
+    angles = z_mm.float().unsqueeze(-1) * (2 * math.pi / wavelengths)  # (..., half)
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(enc, (0, dim - 2 * half))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a boolean attention mask (True = may attend)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(D, dim=-1)  # each (B, T, D)
+        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D/H)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class ZFormer(nn.Module):
+    """Transformer across slices: each slice's embedding plus its z position (mm), plane, phase,
+    modality and view; global tokens; windowed attention for long studies.
+    """
+
+    def __init__(self, config: MSVLMConfig, vision_dim: int) -> None:
+        super().__init__()
+        D = config.z_hidden
+        self.config = config
+        self.input = nn.Linear(vision_dim, D)
+        self.z_proj = nn.Linear(D, D)
+        self.plane = nn.Embedding(len(PLANES), D)
+        self.phase = nn.Embedding(len(PHASES), D)
+        self.modality = nn.Embedding(len(MODALITIES), D)
+        self.view = nn.Embedding(config.max_views, D)
+        self.globals = nn.Parameter(torch.randn(config.z_global_tokens, D) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(vision_dim))
+        self.blocks = nn.ModuleList(Block(D, config.z_heads, config.z_mlp)
+                                    for _ in range(config.z_layers))
+        self.norm = nn.LayerNorm(D)
+        self.mem_head = nn.Linear(D, vision_dim)
+
+    def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, G+L, G+L)`` boolean: globals see and are seen by all; slices see slices
+        within ``z_window`` when the study is longer than ``full_attention_max``."""
+        B, L = valid.shape
+        G = self.config.z_global_tokens
+        keys = torch.cat([valid.new_ones(B, G), valid], dim=1)  # (B, G+L)
+        mask = keys[:, None, None, :].expand(B, 1, G + L, G + L)
+        if L > self.config.full_attention_max:
+            idx = torch.arange(L, device=valid.device)
+            local = (idx[:, None] - idx[None, :]).abs() <= self.config.z_window  # (L, L)
+            full = torch.ones(G + L, G + L, dtype=torch.bool, device=valid.device)
+            full[G:, G:] = local
+            mask = mask & full
+        return mask
+
+    def forward(self, emb: torch.Tensor, meta: torch.Tensor, z_mm: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+        """``emb (B, L, Dv)``, ``meta (B, L, 4)`` long (plane, phase, modality, view),
+        ``z_mm (B, L)``, ``valid (B, L)`` -> ``(B, G+L, D)``."""
+        x = self.input(emb) + self.z_proj(z_encoding(z_mm, self.config.z_hidden))
+        x = x + self.plane(meta[..., 0]) + self.phase(meta[..., 1])
+        x = x + self.modality(meta[..., 2]) + self.view(meta[..., 3])  # (B, L, D)
+        B = x.shape[0]
+        x = torch.cat([self.globals.expand(B, -1, -1), x], dim=1)  # (B, G+L, D)
+        mask = self.attention_mask(valid)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def mem_loss(self, emb: torch.Tensor, meta: torch.Tensor, z_mm: torch.Tensor,
+                 valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Masked embedding modelling: hide ``mem_mask_ratio`` of the slices, predict them (L1)."""
+        hide = (torch.rand(valid.shape, generator=generator, device=emb.device)
+                < self.config.mem_mask_ratio) & valid  # (B, L)
+        first = valid & (valid.cumsum(1) == 1)
+        hide = hide | (first & ~hide.any(dim=1, keepdim=True))  # hide at least one per study
+        masked = torch.where(hide[..., None], self.mask_token.expand_as(emb), emb)
+        out = self.forward(masked, meta, z_mm, valid)[:, self.config.z_global_tokens:]
+        pred = self.mem_head(out)  # (B, L, Dv)
+        return (pred - emb).abs()[hide].mean()
+
+
+class PerceiverResampler(nn.Module):
+    """``Q`` learned queries cross-attend to the Z-former sequence; keeps the last attention
+    over slices (``last_attention``, ``(B, Q, G+L)``) for key-slice evidence."""
+
+    def __init__(self, config: MSVLMConfig) -> None:
+        super().__init__()
+        D = config.z_hidden
+        self.queries = nn.Parameter(torch.randn(config.num_queries, D) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"norm_q": nn.LayerNorm(D), "norm_kv": nn.LayerNorm(D),
+                           "attn": nn.MultiheadAttention(D, config.resampler_heads,
+                                                         batch_first=True),
+                           "norm_ff": nn.LayerNorm(D),
+                           "ff": nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(),
+                                               nn.Linear(4 * D, D))})
+            for _ in range(config.resampler_layers))
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        q = self.queries.expand(x.shape[0], -1, -1)  # (B, Q, D)
+        for module in self.layers:
+            layer: Any = module
+            kv = layer["norm_kv"](x)
+            attended, weights = layer["attn"](layer["norm_q"](q), kv, kv,
+                                              key_padding_mask=~key_valid, need_weights=True)
+            q = q + attended
+            q = q + layer["ff"](layer["norm_ff"](q))
+            self.last_attention = weights.detach()  # (B, Q, G+L)
+        return q
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+@dataclass
+class EncodedView:
+    """Slice embeddings of one view plus what the Z-former needs to place them.
+
+    This is the cacheable half of the model (keyed by series and model version): streaming
+    ingest can compute it slice by slice before the study is complete.
+    """
+
+    embeddings: torch.Tensor  # (S, Dv)
+    z_mm: torch.Tensor  # (S,)
+    modality: str
+    plane: str
+    phase: str
+    series_instance_uid: str = ""
+
+
+class MSVLM(nn.Module):
+    """vision_tower -> Z-former -> resampler -> multi_modal_projector -> language_model."""
+
+    def __init__(self, config: MSVLMConfig, vocab_size: int, special_ids: dict[str, int],
+                 vision_tower: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.special_ids = dict(special_ids)
+        tower: Any = vision_tower or ViTSliceEncoder(config)
+        self.vision_tower = tower
+        self.z_former = ZFormer(config, int(tower.embed_dim))
+        self.resampler = PerceiverResampler(config)
+        self.language_model = build_language_model(config, vocab_size, special_ids)
+        lm_width = int(self.language_model.get_input_embeddings().weight.shape[1])
+        self.multi_modal_projector = nn.Sequential(
+            nn.Linear(config.z_hidden, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+        if config.freeze_vision:
+            self.vision_tower.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- encode: slices -> embeddings (cacheable) ---------------------------------------------------
+    def encode_slices(self, view: View, grad: bool = False) -> EncodedView:
+        """Embed every slice of ``view``, ``slice_batch`` slices at a time.
+
+        Without ``grad`` the work runs under ``inference_mode``, so peak memory is one chunk of
+        activations whatever the slice count.
+        """
+        chunks = []
+        context = torch.enable_grad() if grad else torch.inference_mode()
+        with context:
+            for start in range(0, view.num_slices, self.config.slice_batch):
+                x = preprocess(view.pixels[start:start + self.config.slice_batch], view.modality,
+                               self.config, self.device)  # (s, C, H, W)
+                chunks.append(self.vision_tower(x))  # (s, Dv)
+        emb = torch.cat(chunks)  # (S, Dv)
+        if not grad:
+            emb = emb.clone()  # leave inference mode
+        return EncodedView(emb, torch.as_tensor(view.z_mm, dtype=torch.float32,
+                                                device=self.device), view.modality, view.plane,
+                           view.phase, view.series_instance_uid)
+
+    # -- decode: embeddings of all views -> visual tokens -> text ------------------------------------
+    def collate(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor, ...]:
+        """Concatenate each study's views and pad the batch: ``emb (B, L, Dv)``,
+        ``meta (B, L, 4)``, ``z (B, L)``, ``valid (B, L)``."""
+        if not studies or any(not views for views in studies):
+            raise ValueError("Invalid 'studies' - every study needs at least one view")
+        rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for views in studies:
+            if len(views) > self.config.max_views:
+                raise ValueError(f"Invalid study - {len(views)} views, at most "
+                                 f"{self.config.max_views}")
+            meta = [torch.tensor([PLANES.index(v.plane), PHASES.index(v.phase),
+                                  MODALITIES.index(v.modality), i], device=self.device)
+                    .expand(v.embeddings.shape[0], 4) for i, v in enumerate(views)]
+            rows.append((torch.cat([v.embeddings for v in views]), torch.cat(meta),
+                         torch.cat([v.z_mm - v.z_mm[0] for v in views])))
+        L = max(r[0].shape[0] for r in rows)
+        emb = torch.stack([F.pad(r[0], (0, 0, 0, L - r[0].shape[0])) for r in rows])
+        meta_t = torch.stack([F.pad(r[1], (0, 0, 0, L - r[1].shape[0])) for r in rows])
+        z = torch.stack([F.pad(r[2], (0, L - r[2].shape[0])) for r in rows])
+        valid = torch.stack([torch.arange(L, device=self.device) < r[0].shape[0] for r in rows])
+        return emb, meta_t, z, valid
+
+    def visual_tokens(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
+                                                                                torch.Tensor]:
+        """``(B, Q, D_lm)`` visual tokens and the Z-former's valid mask ``(B, L)``."""
+        emb, meta, z, valid = self.collate(studies)
+        seq = self.z_former(emb, meta, z, valid)  # (B, G+L, Dz)
+        G = self.config.z_global_tokens
+        key_valid = torch.cat([valid.new_ones(valid.shape[0], G), valid], dim=1)
+        return self.multi_modal_projector(self.resampler(seq, key_valid)), valid
+
+    def slice_relevance(self) -> torch.Tensor | None:
+        """Mean resampler attention over slices from the last call, ``(B, L)``."""
+        att = self.resampler.last_attention
+        if att is None:
+            return None
+        return att[:, :, self.config.z_global_tokens:].mean(dim=1)
+
+    def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced loss of ``input_ids (B, T)`` (BOS, report, EOS, padding) given the
+        studies; visual tokens and BOS carry no loss."""
+        visual, _ = self.visual_tokens(studies)  # (B, Q, D)
+        tokens = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
+        embeds = torch.cat([visual, tokens], dim=1)  # (B, Q+T, D)
+        mask = torch.cat([attention_mask.new_ones(visual.shape[:2]), attention_mask], dim=1)
+        labels = torch.where(attention_mask.bool(), input_ids, -100)
+        labels[:, 0] = -100  # BOS is given, not predicted
+        labels = torch.cat([labels.new_full(visual.shape[:2], -100), labels], dim=1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                   labels=labels).loss
+
+    @torch.inference_mode()
+    def generate_ids(self, studies: Sequence[Sequence[EncodedView]],
+                     max_new_tokens: int | None = None) -> torch.Tensor:
+        """Greedy (deterministic) decoding; returns the new token ids ``(B, T)``."""
+        visual, _ = self.visual_tokens(studies)
+        bos = torch.full((visual.shape[0], 1), self.special_ids["bos"], device=self.device)
+        embeds = torch.cat([visual, self.language_model.get_input_embeddings()(bos)], dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        kwargs: dict[str, Any] = {}
+        if self.config.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.config.repetition_penalty
+        if self.config.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.config.no_repeat_ngram_size
+        return self.language_model.generate(
+            inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            eos_token_id=self.special_ids["eos"], pad_token_id=self.special_ids["pad"],
+            bos_token_id=self.special_ids["bos"], **kwargs)
+
+
+def build_language_model(config: MSVLMConfig, vocab_size: int,
+                         special_ids: dict[str, int]) -> Any:
+    """A causal LM from ``lm_path`` (local files only) or a small Llama from ``lm_config``;
+    with ``lora`` set, wrapped by peft so only the adapters train."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    lm: Any
+    if config.lm_path:
+        lm = AutoModelForCausalLM.from_pretrained(config.lm_path, local_files_only=True)
+        if lm.get_input_embeddings().weight.shape[0] < vocab_size:
+            lm.resize_token_embeddings(vocab_size)
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, bos_token_id=special_ids["bos"],
+            eos_token_id=special_ids["eos"], pad_token_id=special_ids["pad"],
+            tie_word_embeddings=True, **config.lm_config))
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = dict(config.lora)
+        lm = get_peft_model(lm, LoraConfig(
+            r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            target_modules=list(lora.get("target_modules", ["q_proj", "v_proj"])),
+            task_type="CAUSAL_LM"))
+    return lm

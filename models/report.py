@@ -1,0 +1,91 @@
+"""Report text: the format the language model writes, its parsing, and the BPE tokenizer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+_SECTION = re.compile(r"(?is)^\s*findings\s*:\s*(?P<findings>.*?)\s*impression\s*:\s*"
+                      r"(?P<impression>.*?)\s*$")
+
+
+@dataclass
+class Report:
+    """A generated draft report."""
+
+    findings: str
+    impression: str
+    model_name: str = ""
+    model_version: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    slice_relevance: list[list[float]] = field(default_factory=list)
+    """Per view, the resampler's mean attention on each slice (key-slice evidence)."""
+
+    @property
+    def text(self) -> str:
+        return format_report(self.findings, self.impression)
+
+
+def format_report(findings: str, impression: str) -> str:
+    """The one text layout used for training targets and parsed back from generation."""
+    return f"Findings: {findings.strip()}\nImpression: {impression.strip()}"
+
+
+def parse_report(text: str) -> tuple[str, str]:
+    """Split generated text into (findings, impression); text without the sections is all
+    findings, with an empty impression."""
+    match = _SECTION.match(text)
+    if match is None:
+        return text.replace("Findings:", "").strip(), ""
+    return match["findings"].strip(), match["impression"].strip()
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
+    """Train a byte-level BPE tokenizer on report texts (``tokenizers``) and wrap it for
+    transformers; saved with the checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(
+        SPECIAL_TOKENS.values()), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=SPECIAL_TOKENS["pad"], bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"], unk_token=SPECIAL_TOKENS["unk"])
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer saved in a local folder (never a hub)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def special_ids(tokenizer: Any) -> dict[str, int]:
+    return {"pad": int(tokenizer.pad_token_id), "bos": int(tokenizer.bos_token_id),
+            "eos": int(tokenizer.eos_token_id)}
+
+
+def encode_targets(tokenizer: Any, texts: list[str], device: Any = "cpu") -> tuple[Any, Any]:
+    """``<s> text </s>`` padded on the right: ``(input_ids, attention_mask)``, both ``(B, T)``."""
+    import torch
+
+    rows = [[tokenizer.bos_token_id] + tokenizer.encode(t, add_special_tokens=False)
+            + [tokenizer.eos_token_id] for t in texts]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
