@@ -51,8 +51,9 @@ class View:
         if not np.issubdtype(pixels.dtype, np.number):
             raise ValueError(f"Invalid 'pixels' dtype {pixels.dtype} - must be numeric")
         pixels = pixels.astype(np.float32, copy=False)
-        if not np.isfinite(pixels).all():
-            raise ValueError("Invalid 'pixels' - holds NaN or infinite values")
+        for start in range(0, pixels.shape[0], 32):  # chunked: no volume-sized temporary
+            if not np.isfinite(pixels[start:start + 32]).all():
+                raise ValueError("Invalid 'pixels' - holds NaN or infinite values")
         z = np.asarray(self.z_mm, dtype=np.float64).reshape(-1)
         if z.shape[0] != pixels.shape[0]:
             raise ValueError(f"Invalid 'z_mm' length {z.shape[0]} - the view has "
