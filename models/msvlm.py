@@ -118,15 +118,17 @@ class SliceEncoder(Protocol):
 
 
 class ViTSliceEncoder(nn.Module):
-    """A transformers ``ViTModel``: one embedding per slice ([CLS] or mean of patch tokens)."""
+    """A transformers ``ViTModel`` (or ``Dinov2Model``): one embedding per slice, [CLS] or the
+    mean of the patch tokens. Built from the config, or loaded from ``vision_path``; its input
+    size is then the checkpoint's, and ``image_size`` should match it."""
 
     def __init__(self, config: MSVLMConfig) -> None:
         super().__init__()
-        from transformers import ViTConfig, ViTModel
+        from transformers import AutoModel, ViTConfig, ViTModel
 
-        if config.vision_path:
-            self.vit = ViTModel.from_pretrained(config.vision_path, add_pooling_layer=False,
-                                                local_files_only=True)
+        self.vit: Any
+        if config.vision_path:  # a ViTModel or Dinov2Model saved in a local folder
+            self.vit = AutoModel.from_pretrained(config.vision_path, local_files_only=True)
         else:
             self.vit = ViTModel(ViTConfig(
                 image_size=config.image_size, patch_size=config.patch_size,

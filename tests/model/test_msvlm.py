@@ -247,3 +247,47 @@ def test_vocabulary_is_shared_with_the_index() -> None:
     assert tuple(p.value for p in Plane) == PLANES
     assert tuple(p.value for p in CTPhase) == CT_PHASES
     assert tuple(p.value for p in MRPhase) == MR_PHASES
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_vision_tower_from_a_local_folder(tokenizer: Any, tmp_path: Path, kind: str) -> None:
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    if kind == "vit":
+        tower = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64), add_pooling_layer=False)
+    else:
+        tower = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         mlp_ratio=2))
+    tower.save_pretrained(tmp_path / kind)
+    model = make_model(tokenizer, vision_path=str(tmp_path / kind))
+    encoded = model.encode_slices(make_view(3))
+    assert encoded.embeddings.shape == (3, 32)
+    # the loaded weights are the ones in use
+    name, weight = next(iter(tower.state_dict().items()))
+    torch.testing.assert_close(model.vision_tower.vit.state_dict()[name], weight)
+
+
+def test_language_model_from_a_local_folder(tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    lm.save_pretrained(tmp_path / "lm")
+    model = make_model(tokenizer, lm_path=str(tmp_path / "lm"),
+                       lora={"r": 2, "target_modules": ["q_proj"]})
+    version = save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"name": "local-lm"})
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    lm_keys = [k for k in stored if k.startswith("language_model.")]
+    assert lm_keys and all("lora_" in k for k in lm_keys)  # the base LM stays in its folder
+    loaded = ReportGenerator.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert loaded.version == version
+    view = make_view(5)
+    assert torch.equal(model.generate_ids([[model.encode_slices(view)]], max_new_tokens=6),
+                       loaded.model.generate_ids([[loaded.encode_slices(view)]],
+                                                 max_new_tokens=6))
