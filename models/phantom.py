@@ -245,10 +245,11 @@ def _render(an: _Anatomy, case: dict[str, Any], shape: tuple[int, int, int],
         vol.tube(p0, p1, pa_r if name == "main" else pa_r * 0.8, contrast)
     if case["embolus"] is not None:
         e = case["embolus"]
-        p0, p1 = np.array(pa[e["side"]][0]), np.array(pa[e["side"]][1])
-        center = p0 + (p1 - p0) * 0.6
+        a0, a1 = np.array(pa[e["side"]][0]), np.array(pa[e["side"]][1])
+        center = a0 + (a1 - a0) * 0.6
         e["center_mm"] = [float(v) for v in center]
-        vol.ellipsoid(center, (e["radius_mm"],) * 3, 38.0)
+        # thrombus attenuates like unenhanced blood: invisible without contrast
+        vol.ellipsoid(center, (e["radius_mm"],) * 3, 40.0)
     trachea = (0.0, 22 * s)
     vol.tube((trachea[0], trachea[1], an.carina_z), (trachea[0], trachea[1], top), 10 * s, 60)
     vol.tube((trachea[0], trachea[1], an.carina_z), (trachea[0], trachea[1], top), 8 * s, -1000)
@@ -469,7 +470,8 @@ def _write_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, 
 
 def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...] | None = None,
                   reformats: bool = False, prevalence: float = 0.3,
-                  matrix: int = 128, slices: int | None = None) -> PhantomCase:
+                  matrix: int = 128, slices: int | None = None,
+                  force: dict[str, bool] | None = None) -> PhantomCase:
     """One synthetic chest CT study, identical for the same arguments.
 
     Parameters
@@ -487,6 +489,8 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
         In-plane matrix (square).
     slices : int, optional
         Force the slice count (default: 16-400 from the seed, via thickness and coverage).
+    force : dict, optional
+        Labels to set regardless of the seed (everything else stays as the seed makes it).
     """
     rng = np.random.default_rng(seed)
     an = _Anatomy(rng)
@@ -501,6 +505,10 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
         slices = int(np.clip(round(coverage / thickness), 16, 400))
     thickness = coverage / slices
     labels = {label: bool(rng.random() < prevalence) for label in ALL_LABELS}
+    for label, value in (force or {}).items():
+        if label not in labels:
+            raise ValueError(f"Invalid 'force' label {label!r} - one of {ALL_LABELS}")
+        labels[label] = value
     if "arterial" not in phases:
         labels[PE_LABEL] = False  # invisible without contrast: never reported
     sides = {label: str(rng.choice(["right", "left"])) for label in ALL_LABELS
@@ -517,7 +525,7 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
     findings, impression = _write_report(case, rng)
     shape = (slices, matrix, matrix)
     spacing = (thickness, pixel, pixel)
-    views = []
+    views: list[View] = []
     for phase in phases:
         hu = _render(an, case, shape, spacing, phase == "arterial",
                      np.random.default_rng([seed, len(views)]))

@@ -1,0 +1,150 @@
+"""Commands for data and evaluation: ``phantoms`` and ``evaluate``.
+
+They compose ``models`` (phantom generator, CT-RATE reader, metrics) with ``storage`` (the DICOM
+writer), which is why they live in ``node``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+PHASE_CHOICES = {"auto": None, "non_contrast": ("non_contrast",), "arterial": ("arterial",),
+                 "both": ("non_contrast", "arterial")}
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("phantoms", parents=[common], help="write synthetic chest CT studies with reports",
+                       description="Write synthetic chest CT studies with reports and ground "
+                                   "truth, in the CT-RATE layout or as DICOM series.")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["ctrate", "dicom"], default="ctrate")
+    p.add_argument("--split", default="train", help="CT-RATE split name (default train)")
+    p.add_argument("--phases", choices=list(PHASE_CHOICES), default="auto",
+                   help="auto: the seed picks one or two phases per study")
+    p.add_argument("--reformats", action="store_true", help="add coronal and sagittal reformats")
+    p.add_argument("--prevalence", type=float, default=0.3, help="chance of each abnormality")
+    p.add_argument("--matrix", type=int, default=128, help="in-plane matrix size")
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("evaluate", parents=[common], help="score reports against a corpus",
+                       description="Score a checkpoint's reports, or given reports, against a "
+                                   "CT-RATE-layout corpus; writes JSON and a Markdown table.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help='"demo" or a checkpoint folder')
+    source.add_argument("--predictions", type=Path,
+                        help="CSV with VolumeName, Findings_EN, Impressions_EN")
+    p.add_argument("--data", type=Path, required=True, help="CT-RATE-layout folder")
+    p.add_argument("--split", default=None, help="only this split (default: all)")
+    p.add_argument("--out", type=Path, required=True, help="FILE.json (and FILE.md beside it)")
+    p.add_argument("--views", choices=["all", "first"], default="all")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--labeler", type=Path, default=None,
+                   help="local text-classifier folder (default: the rule labeler)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from models.phantom import iter_cases
+
+    if args.count < 1:
+        raise ValueError(f"Invalid --count {args.count} - at least 1")
+    if not 0.0 <= args.prevalence <= 1.0:
+        raise ValueError(f"Invalid --prevalence {args.prevalence} - between 0 and 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cases = iter_cases(args.count, args.seed, phases=PHASE_CHOICES[args.phases],
+                       reformats=args.reformats, prevalence=args.prevalence, matrix=args.matrix)
+    if args.layout == "ctrate":
+        from models.ctrate import CTRateWriter
+
+        writer = CTRateWriter(args.out, args.split)
+        for i, case in enumerate(tqdm(cases, total=args.count, desc="phantoms", unit="study")):
+            writer.add(case, patient=i + 1)
+        writer.close()
+    else:
+        from pydicom.uid import generate_uid
+
+        from storage.volumes import StudyInfo, write_ct_series
+
+        for case in tqdm(cases, total=args.count, desc="phantoms", unit="study"):
+            study = StudyInfo(generate_uid(entropy_srcs=[case.study_id, str(case.seed)]),
+                              patient_id=case.study_id, accession_number=f"PH{case.seed}"[:16])
+            folder = args.out / case.study_id
+            for n, view in enumerate(case.views, start=1):
+                write_ct_series(folder / f"series{n:02d}", view.pixels, view.z_mm,
+                                view.pixel_spacing_mm, view.plane, view.phase, study, n)
+            (folder / "ground_truth.json").write_text(json.dumps(case.ground_truth(), indent=1))
+    print(f"Wrote {args.count} phantom stud{'y' if args.count == 1 else 'ies'} "
+          f"({args.layout}) to {args.out}")
+    return 0
+
+
+def _predictions(path: Path) -> dict[str, tuple[str, str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    needed = {"VolumeName", "Findings_EN", "Impressions_EN"}
+    if not rows or not needed <= set(rows[0]):
+        raise ValueError(f"Invalid predictions {path} - needs columns {sorted(needed)}")
+    return {r["VolumeName"]: (r["Findings_EN"], r["Impressions_EN"]) for r in rows}
+
+
+def resolve_checkpoint(value: str, base: Path | None = None) -> Path:
+    """``"demo"`` (the checkpoint shipped in the package) or a folder, relative to ``base``."""
+    if value == "demo":
+        path = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "demo"
+        if not (path / "model.safetensors").exists():
+            raise ValueError("Invalid checkpoint 'demo' - no demo checkpoint is shipped in this "
+                             "installation yet; pass a checkpoint folder")
+        return path
+    path = Path(value)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.is_dir():
+        raise ValueError(f"Invalid checkpoint {value!r} - not a folder")
+    return path
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.ctrate import read_ctrate
+    from models.evaluate import ReportPair, evaluate_reports, markdown_table
+    from models.labeler import make_labeler
+
+    pairs = []
+    if args.predictions:
+        predicted = _predictions(args.predictions)
+        studies = list(read_ctrate(args.data, args.split, load_views=False))
+        missing = [s.study_id for s in studies if not any(v in predicted
+                                                          for v in s.volume_names)]
+        if missing:
+            raise ValueError(f"Invalid predictions - no row for {len(missing)} studies, e.g. "
+                             f"{missing[:3]}")
+        for s in studies:
+            volume = next(v for v in s.volume_names if v in predicted)
+            pairs.append(ReportPair(s.study_id, s.findings, s.impression, *predicted[volume]))
+    else:
+        from models.generator import ReportGenerator
+
+        generator = ReportGenerator.from_pretrained(resolve_checkpoint(args.checkpoint),
+                                                    args.device)
+        for s in tqdm(read_ctrate(args.data, args.split), desc="reports", unit="study"):
+            views = s.views[:1] if args.views == "first" else s.views
+            report = generator.generate(views)
+            pairs.append(ReportPair(s.study_id, s.findings, s.impression, report.findings,
+                                    report.impression))
+    metrics = evaluate_reports(pairs, make_labeler(args.labeler), meteor=not args.no_meteor)
+    metrics["source"] = str(args.predictions or args.checkpoint)
+    metrics["views"] = args.views
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(metrics, indent=2))
+    table = markdown_table(metrics, f"Evaluation of {metrics['source']} on {args.data}")
+    args.out.with_suffix(".md").write_text(table)
+    print(table, end="")
+    return 0

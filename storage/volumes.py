@@ -1,0 +1,182 @@
+"""DICOM series <-> volumes: write a volume as a CT series, read a series back as a volume.
+
+Volumes here are plain arrays (``storage`` never imports ``models``): float32 ``(S, H, W)`` in
+HU, slices ordered by increasing position along the slice normal, rows and columns as stored, with
+each slice's position along the normal (``z_mm``) — exactly the ``View`` layout, which the CLI
+builds from them. (The pipeline issue replaces the reader with highdicom volumes.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from storage import classify
+
+# Image Orientation (Patient) per plane; the normal of each is the direction of increasing z_mm
+ORIENTATION = {
+    "axial": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],  # normal +z (superior)
+    "coronal": [1.0, 0.0, 0.0, 0.0, 0.0, -1.0],  # normal +y (posterior)
+    "sagittal": [0.0, 1.0, 0.0, 0.0, 0.0, -1.0],  # normal -x (patient right)
+}
+
+
+@dataclass
+class SeriesVolume:
+    """A series read back as a volume."""
+
+    pixels: np.ndarray  # (S, H, W) float32, HU for CT
+    z_mm: np.ndarray  # (S,)
+    pixel_spacing_mm: tuple[float, float]
+    modality: str
+    plane: str
+    phase: str
+    series_instance_uid: str
+    sop_instance_uids: list[str]
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """Study-level attributes for written series (synthetic patients only)."""
+
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str = "PHANTOM^CHEST"
+    accession_number: str = ""
+    study_date: str = "20260101"
+    study_id: str = "1"
+
+
+def write_ct_series(folder: str | Path, pixels_hu: np.ndarray, z_mm: Sequence[float],
+                    pixel_spacing_mm: tuple[float, float], plane: str, phase: str,
+                    study: StudyInfo, series_number: int = 1,
+                    series_instance_uid: str | None = None) -> list[Path]:
+    """Write a volume as a CT Image Storage series (one file per slice, uint16 + intercept).
+
+    The geometry follows the ``View`` convention: slice ``k`` lies at ``z_mm[k]`` along the
+    plane's normal (:data:`ORIENTATION`), the image is centred on the patient axes. Contrast
+    tags and the series description state the phase, so the index classifies the series as
+    written (``non_contrast`` or ``arterial``; other phases get only a description).
+    """
+    if plane not in ORIENTATION:
+        raise ValueError(f"Invalid 'plane' {plane!r} - one of {sorted(ORIENTATION)}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    iop = ORIENTATION[plane]
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    S, H, W = pixels_hu.shape
+    dr, dc = pixel_spacing_mm  # between rows, between columns
+    series_uid = series_instance_uid or generate_uid()
+    frame_uid = generate_uid(entropy_srcs=[study.study_instance_uid, "frame"])
+    stored = (np.clip(np.round(pixels_hu), -1024, 3071) + 1024).astype(np.uint16)
+    description = {"non_contrast": "CHEST NON-CONTRAST", "arterial": "CHEST CTA ARTERIAL",
+                   "portal_venous": "CHEST PORTAL VENOUS", "delayed": "CHEST DELAYED"}.get(
+                       phase, "CHEST")
+    now = datetime.now()
+    paths = []
+    for k in range(S):
+        centre = normal * float(z_mm[k])
+        origin = centre - row * dc * (W - 1) / 2 - col * dr * (H - 1) / 2
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, str(k)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if plane == "axial" else "REFORMATTED"]
+        ds.SOPClassUID = CTImageStorage
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.study_date
+        ds.StudyTime = "100000"
+        ds.SeriesTime = ds.ContentTime = "100020"
+        ds.AccessionNumber = study.accession_number
+        ds.Modality = "CT"
+        ds.Manufacturer = "msvlm-node phantom"
+        ds.InstitutionName = "Synthetic"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "CT CHEST (synthetic phantom)"
+        ds.SeriesDescription = f"{description} {plane.upper()}"
+        ds.PatientName = study.patient_name
+        ds.PatientID = study.patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = float(abs(z_mm[1] - z_mm[0])) if S > 1 else 1.0
+        ds.KVP = 120
+        ds.PatientPosition = "HFS"
+        if phase == "arterial":
+            ds.ContrastBolusAgent = "IOHEXOL 350"
+            ds.ContrastBolusRoute = "IV"
+            ds.ContrastBolusStartTime = "100000"
+            ds.AcquisitionTime = "100025"
+        elif phase == "non_contrast":
+            ds.ContrastBolusAgent = "NONE"
+            ds.AcquisitionTime = "095500"
+        ds.StudyInstanceUID = study.study_instance_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = study.study_id
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin]
+        ds.ImageOrientationPatient = iop
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = round(float(z_mm[k]), 4)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = H, W
+        ds.PixelSpacing = [round(float(dr), 6), round(float(dc), 6)]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = -600, 1500
+        ds.PixelData = stored[k].tobytes()
+        path = out / f"IM{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
+    """Read one single-frame series into a volume ordered along its normal.
+
+    Raises
+    ------
+    ValueError
+        Files of several series, mixed orientations or sizes, or repeated positions.
+    """
+    datasets = [pydicom.dcmread(p) for p in paths]
+    if not datasets:
+        raise ValueError("Invalid series - no files")
+    uids = {str(ds.SeriesInstanceUID) for ds in datasets}
+    if len(uids) != 1:
+        raise ValueError(f"Invalid series - files of {len(uids)} series")
+    found = [classify.position_along_normal(ds) for ds in datasets]
+    positions = [p for p in found if p is not None]
+    if len(positions) != len(found):
+        raise ValueError("Invalid series - a slice lacks position or orientation")
+    order = np.argsort(positions)
+    z = np.array([positions[i] for i in order], dtype=np.float64)
+    if len(z) > 1 and not (np.diff(z) > 1e-4).all():
+        raise ValueError("Invalid series - repeated slice positions")
+    first = datasets[order[0]]
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) != 1:
+        raise ValueError(f"Invalid series - slices of sizes {sorted(shapes)}")
+    pixels = np.stack([np.asarray(apply_modality_lut(datasets[i].pixel_array, datasets[i]),
+                                  dtype=np.float32) for i in order])
+    spacing = tuple(float(v) for v in first.PixelSpacing)
+    return SeriesVolume(pixels, z, (spacing[0], spacing[1]), str(first.Modality),
+                        classify.plane(first).value, classify.phase(first), uids.pop(),
+                        [str(datasets[i].SOPInstanceUID) for i in order])
