@@ -27,7 +27,11 @@ class MSVLMConfig:
     ct_windows: list[list[float]] = field(default_factory=lambda: [[-600.0, 1500.0],
                                                                    [40.0, 400.0],
                                                                    [400.0, 1800.0]])
-    # vision tower (a transformers ViTModel built from these, or loaded from vision_path)
+    # vision tower (a transformers ViTModel built from these, or loaded from vision_path);
+    # encoder "patch3d" is the 3D sub-volume baseline (models/baseline.py) with the same sizes
+    encoder: str = "slice"
+    patch3d_depth: int = 32
+    patch3d_patch_depth: int = 4
     vision_path: str | None = None
     patch_size: int = 8
     vision_hidden: int = 64
@@ -298,7 +302,18 @@ class MSVLM(nn.Module):
         super().__init__()
         self.config = config
         self.special_ids = dict(special_ids)
-        tower: Any = vision_tower or ViTSliceEncoder(config)
+        tower: Any = vision_tower
+        if tower is None and config.encoder == "patch3d":
+            from models.baseline import Patch3DEncoder
+
+            tower = Patch3DEncoder(config.image_size, config.patch_size, config.patch3d_depth,
+                                   config.patch3d_patch_depth, len(config.ct_windows),
+                                   config.vision_hidden, config.vision_layers,
+                                   config.vision_heads, config.vision_mlp)
+        elif tower is None:
+            if config.encoder != "slice":
+                raise ValueError(f"Invalid 'encoder' {config.encoder!r} - slice or patch3d")
+            tower = ViTSliceEncoder(config)
         self.vision_tower = tower
         self.z_former = ZFormer(config, int(tower.embed_dim))
         self.resampler = PerceiverResampler(config)
@@ -321,18 +336,24 @@ class MSVLM(nn.Module):
         activations whatever the slice count.
         """
         chunks = []
+        z = torch.as_tensor(view.z_mm, dtype=torch.float32, device=self.device)
+        volumetric = bool(getattr(self.vision_tower, "volumetric", False))
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context:
-            for start in range(0, view.num_slices, self.config.slice_batch):
-                x = preprocess(view.pixels[start:start + self.config.slice_batch], view.modality,
-                               self.config, self.device)  # (s, C, H, W)
-                chunks.append(self.vision_tower(x))  # (s, Dv)
+            if volumetric:  # the 3D-patch baseline sees the whole volume at once
+                x = preprocess(view.pixels, view.modality, self.config, self.device)
+                chunks.append(self.vision_tower(x))  # (slabs, Dv)
+                z = self.vision_tower.slab_positions(z)
+            else:
+                for start in range(0, view.num_slices, self.config.slice_batch):
+                    x = preprocess(view.pixels[start:start + self.config.slice_batch],
+                                   view.modality, self.config, self.device)  # (s, C, H, W)
+                    chunks.append(self.vision_tower(x))  # (s, Dv)
         emb = torch.cat(chunks)  # (S, Dv)
         if not grad:
-            emb = emb.clone()  # leave inference mode
-        return EncodedView(emb, torch.as_tensor(view.z_mm, dtype=torch.float32,
-                                                device=self.device), view.modality, view.plane,
-                           view.phase, view.series_instance_uid)
+            emb, z = emb.clone(), z.clone()  # leave inference mode
+        return EncodedView(emb, z, view.modality, view.plane, view.phase,
+                           view.series_instance_uid)
 
     # -- decode: embeddings of all views -> visual tokens -> text ------------------------------------
     def collate(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor, ...]:

@@ -500,9 +500,9 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
     fov = float(rng.uniform(320, 380)) * an.scale
     pixel = fov / matrix
     coverage = an.lung_height + 40
+    drawn = float(rng.uniform(0.6, 5.0))  # drawn always, so forcing slices changes nothing else
     if slices is None:
-        thickness = float(rng.uniform(0.6, 5.0))
-        slices = int(np.clip(round(coverage / thickness), 16, 400))
+        slices = int(np.clip(round(coverage / drawn), 16, 400))
     thickness = coverage / slices
     labels = {label: bool(rng.random() < prevalence) for label in ALL_LABELS}
     for label, value in (force or {}).items():

@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("series", cmd_series, "list the series of one study")
     p.add_argument("study_instance_uid")
     add("reindex", cmd_reindex, "rebuild the index from the stored files")
-    from node.research import add_commands
+    from node.research import add_commands, add_train_command
 
     add_commands(sub, common)
+    add_train_command(sub, common)
     return parser
 
 

@@ -52,6 +52,100 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[common], help="train MS-VLM (or the baseline)",
+                       description="Train from one run file (TOML): stages pretrain, mem, align, "
+                                   "finetune, each resumable. Under torchrun: DDP.")
+    p.add_argument("run_file", type=Path)
+    p.set_defaults(func=cmd_train)
+
+
+def load_dataset(data: dict[str, Any], base: Path) -> Any:
+    """The ``[data]`` table of a run file -> a :class:`models.data.Dataset`."""
+    from models.data import phantom_dataset
+
+    source = data.get("source", "phantoms")
+    if source == "phantoms":
+        kwargs: dict[str, Any] = {k: data[k] for k in ("matrix", "prevalence", "reformats",
+                                                        "slices") if k in data}
+        if data.get("phases", "auto") != "auto":
+            kwargs["phases"] = PHASE_CHOICES[data["phases"]]
+        return phantom_dataset(int(data.get("count", 200)), int(data.get("valid_count", 50)),
+                               int(data.get("seed", 0)), **kwargs)
+    root = Path(data.get("path", ""))
+    root = root if root.is_absolute() else base / root
+    if source == "ctrate":
+        from models.data import ctrate_dataset
+
+        return ctrate_dataset(root, data.get("train_split", "train"),
+                              data.get("valid_split", "valid"))
+    if source == "dicom":
+        return dicom_dataset(root, float(data.get("valid_fraction", 0.1)))
+    raise ValueError(f"Invalid [data] source {source!r} - phantoms, ctrate or dicom")
+
+
+def dicom_dataset(root: Path, valid_fraction: float) -> Any:
+    """A folder of DICOM studies with a ``report.json`` ({"findings", "impression"}) each;
+    split by patient (a hash of the Patient ID), series read by ``storage.volumes``."""
+    import hashlib
+
+    import pydicom
+
+    from models.data import Dataset, StudyItem
+    from models.view import View
+    from storage.volumes import read_series
+
+    train: list[StudyItem] = []
+    valid: list[StudyItem] = []
+    for report in sorted(root.rglob("report.json")):
+        folder = report.parent
+        text = json.loads(report.read_text())
+        files = [p for p in folder.rglob("*") if p.is_file() and p.name != "report.json"
+                 and not p.name.endswith(".json")]
+        by_series: dict[str, list[Path]] = {}
+        patient = ""
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            by_series.setdefault(str(ds.SeriesInstanceUID), []).append(f)
+            patient = str(ds.get("PatientID", folder.name))
+
+        def load(groups: dict[str, list[Path]] = by_series) -> list[View]:
+            views = []
+            for paths in groups.values():
+                v = read_series(paths)
+                views.append(View(v.pixels, v.z_mm, v.pixel_spacing_mm, v.modality, v.plane,
+                                  v.phase, v.series_instance_uid))
+            return views
+
+        digest = int(hashlib.sha256(patient.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        item = StudyItem(folder.name, patient, text["findings"], text["impression"], load)
+        (valid if digest < valid_fraction else train).append(item)
+    return Dataset(train, valid, {"source": "dicom", "root": str(root),
+                                  "valid_fraction": valid_fraction})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import sys
+
+    from models.train import RunConfig, Trainer
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    text = args.run_file.read_text()
+    raw = tomllib.loads(text)
+    run = RunConfig.from_toml(raw, args.run_file.resolve(), text)
+    data = load_dataset(raw.get("data", {}), args.run_file.resolve().parent)
+    metrics = Trainer(run, data).train()
+    if metrics:
+        keys = ["ce_f1_macro", "ce_f1_micro", "bleu4", "rouge_l", "pe_f1",
+                "nodule_location_accuracy", "distinct_report_share", "train_seconds"]
+        print(f"Checkpoint: {run.out}")
+        print("  ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics))
+    return 0
+
+
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from models.phantom import iter_cases
 

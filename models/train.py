@@ -1,0 +1,520 @@
+"""Staged training of MS-VLM (and of the 3D-patch baseline) from one run file.
+
+Stages, each resumable from its own state and skipped once done:
+
+1. ``pretrain``  self-supervised vision tower: MAE (transformers ``ViTMAEForPreTraining``, then
+   the weights serve the encoding ``ViTModel``) for the slice ViT; masked 3D-patch modelling for
+   the baseline encoder.
+2. ``mem``       Z-former masked embedding modelling (mask 0.3, L1) on cached slice embeddings.
+3. ``align``     resampler + projector on report generation, vision tower, Z-former and LM frozen.
+4. ``finetune``  report generation: Z-former, resampler, projector and the LM (full for small
+   LMs, LoRA when the model config sets ``lora``).
+
+After stage 1 the vision tower is frozen, so slice embeddings are computed once and cached on disk
+under ``cache/<data fingerprint>-<encoder hash>/``: a changed encoder never reuses stale ones.
+Data order depends only on (seed, stage, step), so a resumed run follows the same loss curve.
+Under ``torchrun`` the same command trains with DDP (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.data import Dataset, StudyItem
+from models.msvlm import MSVLM, EncodedView, MSVLMConfig, preprocess
+from models.report import encode_targets, format_report, special_ids, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "mem", "align", "finetune")
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
+    "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
+    "align": {"steps": 200, "lr": 1e-3, "batch": 8},
+    "finetune": {"steps": 400, "lr": 5e-4, "batch": 8},
+}
+COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20}
+
+
+@dataclass
+class RunConfig:
+    """A run file (TOML) validated: ``[run]``, ``[model]``, ``[tokenizer]`` and one table per
+    stage (``steps``, ``lr``, ``batch``, ``eval_every``, ``patience``, ...)."""
+
+    out: Path
+    seed: int
+    device: str
+    stages: list[str]
+    model: dict[str, Any]
+    vocab_size: int
+    stage: dict[str, dict[str, Any]]
+    eval_studies: int
+    text: str
+
+    @classmethod
+    def from_toml(cls, raw: dict[str, Any], path: Path, text: str = "") -> RunConfig:
+        known = {"run", "data", "model", "tokenizer", *STAGES}
+        for key in raw:
+            if key not in known:
+                raise ValueError(f"{path}: [{key}]: unknown section (known: {sorted(known)})")
+        run = dict(raw.get("run", {}))
+        if "out" not in run:
+            raise ValueError(f"{path}: [run] out: is required (the checkpoint folder)")
+        stages = list(run.get("stages", STAGES))
+        for s in stages:
+            if s not in STAGES:
+                raise ValueError(f"{path}: [run] stages: {s!r} is not one of {STAGES}")
+        stage = {}
+        for s in STAGES:
+            values = {**STAGE_DEFAULTS[s], **COMMON, **raw.get(s, {})}
+            unknown = set(values) - set(STAGE_DEFAULTS[s]) - set(COMMON)
+            if unknown:
+                raise ValueError(f"{path}: [{s}] {sorted(unknown)[0]}: unknown key")
+            stage[s] = values
+        try:
+            MSVLMConfig.from_dict(dict(raw.get("model", {})))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: [model]: {exc}") from None
+        out = Path(run["out"])
+        return cls(out if out.is_absolute() else (path.parent / out).resolve(),
+                   int(run.get("seed", 0)), str(run.get("device", "auto")), stages,
+                   dict(raw.get("model", {})), int(raw.get("tokenizer", {}).get("vocab_size",
+                                                                                 1000)),
+                   stage, int(run.get("eval_studies", 50)), text)
+
+
+# -- distributed ---------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def _state_hash(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# -- stage losses (one module each, so DDP sees one forward) -------------------------------------
+
+class _Loss(nn.Module):
+    def __init__(self, model: MSVLM, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *batch: Any) -> torch.Tensor:
+        return self.fn(self.model, *batch)
+
+
+def _mae_model(model: MSVLM, mask_ratio: float) -> nn.Module:
+    """A ViTMAEForPreTraining whose encoder shares the vision tower's weights."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    vit: Any = model.vision_tower.vit
+    c = vit.config
+    mae = ViTMAEForPreTraining(ViTMAEConfig(
+        image_size=c.image_size, patch_size=c.patch_size, num_channels=c.num_channels,
+        hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        decoder_hidden_size=max(32, c.hidden_size // 2), decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=max(1, c.num_attention_heads // 2),
+        decoder_intermediate_size=max(64, c.intermediate_size // 2),
+        mask_ratio=mask_ratio, norm_pix_loss=True))
+    missing, _ = mae.vit.load_state_dict(vit.state_dict(), strict=False)
+    if [k for k in missing if "position_embeddings" not in k]:
+        raise RuntimeError(f"MAE and ViT weights do not line up: {missing[:5]}")
+    return mae
+
+
+def _copy_mae_to_vit(mae: Any, model: MSVLM) -> None:
+    """The encoding ViTModel takes the MAE encoder's weights (and its fixed positions)."""
+    missing, _ = model.vision_tower.vit.load_state_dict(mae.vit.state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"ViT weights missing after MAE: {missing[:5]}")
+
+
+class Trainer:
+    """Runs the stages of a :class:`RunConfig` on a :class:`~models.data.Dataset`."""
+
+    def __init__(self, run: RunConfig, data: Dataset) -> None:
+        self.run, self.data = run, data
+        self.rank, self.world = _dist()
+        self.main = self.rank == 0
+        from models.generator import resolve_device
+
+        self.device = resolve_device(run.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.out = run.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(run.seed)
+        self.config = MSVLMConfig.from_dict(run.model)
+        self.tokenizer = self._tokenizer()
+        self.model = MSVLM(self.config, len(self.tokenizer), special_ids(self.tokenizer))
+        self.model.to(self.device)
+        self.curves: dict[str, dict[str, list[float]]] = {}
+        self._cache: dict[str, list[EncodedView]] = {}
+        self._encoder_hash: str | None = None
+        self._pools: dict[str, torch.Tensor] = {}
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _tokenizer(self) -> Any:
+        from models.report import load_tokenizer
+
+        folder = self.out / "tokenizer"
+        if self.config.lm_path:
+            return load_tokenizer(self.config.lm_path)
+        if not (folder / "tokenizer.json").exists():
+            if self.main:
+                texts = [format_report(s.findings, s.impression) for s in self.data.train]
+                train_tokenizer(texts, self.run.vocab_size).save_pretrained(str(folder))
+            if self.world > 1:
+                torch.distributed.barrier()
+        return load_tokenizer(folder)
+
+    def _rng(self, stage: str, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.run.seed, STAGES.index(stage), step])
+
+    # -- embeddings cache ---------------------------------------------------------------------------
+    def _cache_dir(self) -> Path:
+        if self._encoder_hash is None:
+            self._encoder_hash = _state_hash(self.model.vision_tower)
+        return self.out / "cache" / f"{self.data.fingerprint}-{self._encoder_hash}"
+
+    def reset_cache(self) -> None:
+        """Forget in-memory embeddings and the encoder hash (after the encoder changed)."""
+        self._cache.clear()
+        self._encoder_hash = None
+
+    def encoded(self, study: StudyItem) -> list[EncodedView]:
+        """Slice embeddings of a study from the frozen vision tower, cached on disk."""
+        if study.study_id in self._cache:
+            return self._cache[study.study_id]
+        folder = self._cache_dir()
+        path = folder / f"{hashlib.sha256(study.study_id.encode()).hexdigest()[:24]}.pt"
+        if path.exists():
+            rows = torch.load(path, map_location=self.device, weights_only=False)
+        else:
+            self.model.eval()
+            rows = [(e.embeddings, e.z_mm, e.modality, e.plane, e.phase)
+                    for e in (self.model.encode_slices(v) for v in study.load())]
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{self.rank}.tmp")
+            torch.save([(a.cpu(), b.cpu(), c, d, e) for a, b, c, d, e in rows], tmp)
+            os.replace(tmp, path)
+        views = [EncodedView(a.to(self.device), b.to(self.device), c, d, e) for a, b, c, d, e
+                 in rows]
+        self._cache[study.study_id] = views
+        return views
+
+    # -- batches ------------------------------------------------------------------------------------
+    def _indices(self, stage: str, step: int, n: int, batch: int) -> list[int]:
+        picks = self._rng(stage, step).choice(n, size=min(batch, n), replace=False)
+        return [int(i) for i in picks[self.rank::self.world]] or [int(picks[0])]
+
+    def _slice_pool(self, studies: list[StudyItem]) -> torch.Tensor:
+        """Preprocessed slices drawn once from up to 200 studies (10 each) for pretraining, so a
+        step costs a forward pass, not loading volumes: ``(N, C, H, W)``."""
+        key = "valid" if studies is self.data.valid else "train"
+        if key not in self._pools:
+            rng = np.random.default_rng([self.run.seed, 7, len(studies)])
+            picks = rng.choice(len(studies), size=min(200, len(studies)), replace=False)
+            chunks = []
+            for i in tqdm(picks, desc=f"slice pool ({key})", disable=not self.main):
+                for view in studies[int(i)].load():
+                    rows = rng.choice(view.num_slices, size=min(10, view.num_slices),
+                                      replace=False)
+                    chunks.append(preprocess(view.pixels[np.sort(rows)], view.modality,
+                                             self.config, "cpu"))
+            self._pools[key] = torch.cat(chunks)
+        return self._pools[key]
+
+    def _slices(self, studies: list[StudyItem], rng: np.random.Generator, count: int) -> Any:
+        """Random preprocessed slices (pretrain), this rank's share: ``(N, C, H, W)``."""
+        pool = self._slice_pool(self.data.valid if studies is self.data.valid
+                                else self.data.train)
+        picks = rng.choice(len(pool), size=min(count * self.world, len(pool)), replace=False)
+        return pool[torch.as_tensor(picks[self.rank::self.world])].to(self.device)
+
+    def _volumes(self, studies: list[StudyItem], rng: np.random.Generator, count: int) -> Any:
+        views = []
+        for i in rng.choice(len(studies), size=min(count, len(studies)), replace=False):
+            view = studies[int(i)].load()[0]
+            views.append(preprocess(view.pixels, view.modality, self.config, self.device))
+        return views
+
+    # -- one stage ------------------------------------------------------------------------------------
+    def _setup_stage(self, stage: str) -> tuple[list[nn.Parameter], Callable[..., Any]]:
+        m = self.model
+        m.requires_grad_(False)
+        if stage == "pretrain":
+            if getattr(m.vision_tower, "volumetric", False):
+                m.vision_tower.requires_grad_(True)
+                return list(m.vision_tower.parameters()), self._batch_pretrain3d
+            self._mae = _mae_model(m, self.run.stage["pretrain"]["mask_ratio"]).to(self.device)
+            return list(self._mae.parameters()), self._batch_mae
+        if stage == "mem":
+            m.z_former.requires_grad_(True)
+            return [p for p in m.z_former.parameters()], self._batch_mem
+        m.resampler.requires_grad_(True)
+        m.multi_modal_projector.requires_grad_(True)
+        if stage == "finetune":
+            m.z_former.requires_grad_(True)
+            if self.config.lora:
+                for name, p in m.language_model.named_parameters():
+                    p.requires_grad_("lora_" in name)
+            else:
+                m.language_model.requires_grad_(True)
+        return [p for p in m.parameters() if p.requires_grad], self._batch_report
+
+    def _batch_mae(self, studies: list[StudyItem], rng: np.random.Generator,
+                   batch: int) -> tuple[Any, ...]:
+        return (self._slices(studies, rng, batch), int(rng.integers(2**31)))
+
+    def _batch_pretrain3d(self, studies: list[StudyItem], rng: np.random.Generator,
+                          batch: int) -> tuple[Any, ...]:
+        return (self._volumes(studies, rng, max(1, batch // 16)), int(rng.integers(2**31)))
+
+    def _batch_mem(self, studies: list[StudyItem], rng: np.random.Generator,
+                   batch: int) -> tuple[Any, ...]:
+        picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
+        return ([self.encoded(studies[int(i)]) for i in picks], int(rng.integers(2**31)))
+
+    def _batch_report(self, studies: list[StudyItem], rng: np.random.Generator,
+                      batch: int) -> tuple[Any, ...]:
+        picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
+        chosen = [studies[int(i)] for i in picks]
+        ids, mask = encode_targets(self.tokenizer, [format_report(s.findings, s.impression)
+                                                    for s in chosen], self.device)
+        return ([self.encoded(s) for s in chosen], ids, mask)
+
+    def _loss(self, stage: str) -> Callable[..., torch.Tensor]:
+        if stage == "pretrain" and not getattr(self.model.vision_tower, "volumetric", False):
+            mae = self._mae
+
+            def mae_loss(model: MSVLM, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+                torch.manual_seed(seed)
+                return mae(pixel_values=pixels).loss
+            return mae_loss
+        if stage == "pretrain":
+            def patch_loss(model: MSVLM, volumes: list[torch.Tensor], seed: int) -> torch.Tensor:
+                g = torch.Generator(device=volumes[0].device).manual_seed(seed)
+                return torch.stack([model.vision_tower.masked_loss(v, g) for v in volumes]).mean()
+            return patch_loss
+        if stage == "mem":
+            def mem_loss(model: MSVLM, studies: list[list[EncodedView]], seed: int) -> Any:
+                emb, meta, z, valid = model.collate(studies)
+                g = torch.Generator(device=emb.device).manual_seed(seed)
+                return model.z_former.mem_loss(emb, meta, z, valid, g)
+            return mem_loss
+
+        def report_loss(model: MSVLM, studies: list[list[EncodedView]], ids: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+            return model(studies, ids, mask)
+        return report_loss
+
+    def run_stage(self, stage: str, stop_after: int | None = None) -> None:
+        """Train one stage (or resume it); ``stop_after`` ends this call after that many steps
+        in total, leaving the stage resumable (for time-boxed sessions)."""
+        cfg = self.run.stage[stage]
+        folder = self.out / "stages" / stage
+        if (folder / "done.json").exists():
+            self.curves[stage] = json.loads((folder / "done.json").read_text())["curves"]
+            self._load_weights(folder / "weights.pt")
+            logger.info("Stage %s already done; skipped", stage)
+            return
+        self.reset_cache()
+        params, make_batch = self._setup_stage(stage)
+        module: nn.Module = _Loss(self.model, self._loss(stage))
+        if stage == "pretrain" and hasattr(self, "_mae"):
+            module.add_module("mae", self._mae)
+        if self.world > 1:
+            module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        steps = int(cfg["steps"])
+
+        def lr_at(step: int) -> float:
+            warm = min(1.0, (step + 1) / max(1, cfg["warmup"]))
+            return cfg["lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+
+        state_path = folder / "state.pt"
+        start = 0
+        curve: dict[str, list[float]] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+        best, best_state, bad = math.inf, None, 0
+        if state_path.exists():
+            state = torch.load(state_path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            if "mae" in state:
+                self._mae.load_state_dict(state["mae"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, curve, best, bad = state["step"], state["curve"], state["best"], state["bad"]
+            best_state = state.get("best_state")
+            logger.info("Stage %s resumes at step %d", stage, start)
+        studies = self.data.train
+        bar = tqdm(range(start, steps), desc=stage, unit="step", disable=not self.main)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            rng = self._rng(stage, step)
+            local = [studies[i] for i in self._indices(stage, step, len(studies), cfg["batch"])]
+            self.model.train()
+            loss = module(*make_batch(local, rng, cfg["batch"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            curve["step"].append(step)
+            curve["loss"].append(float(loss.detach()))
+            bar.set_postfix(loss=f"{curve['loss'][-1]:.4f}")
+            last = step == steps - 1
+            if (step + 1) % cfg["eval_every"] == 0 or last:
+                val = self._validate(stage)
+                curve["val_step"].append(step)
+                curve["val_loss"].append(val)
+                if val < best:
+                    best, bad = val, 0
+                    best_state = {k: v.detach().clone() for k, v in
+                                  self.model.state_dict().items()}
+                else:
+                    bad += 1
+                if self.main:
+                    state = {"model": self.model.state_dict(), "optimizer":
+                             optimizer.state_dict(), "step": step + 1, "curve": curve,
+                             "best": best, "bad": bad, "best_state": best_state}
+                    if hasattr(self, "_mae") and stage == "pretrain":
+                        state["mae"] = self._mae.state_dict()
+                    folder.mkdir(parents=True, exist_ok=True)
+                    torch.save(state, state_path.with_suffix(".tmp"))
+                    os.replace(state_path.with_suffix(".tmp"), state_path)
+                if cfg["patience"] and bad >= cfg["patience"]:
+                    logger.info("Stage %s stops early at step %d", stage, step + 1)
+                    break
+            if stop_after is not None and step + 1 >= stop_after:
+                return
+        if best_state is not None:
+            self.model.load_state_dict(best_state)  # checkpoint selection by validation loss
+        if stage == "pretrain" and hasattr(self, "_mae"):
+            _copy_mae_to_vit(self._mae, self.model)
+        self.curves[stage] = curve
+        if self.main:
+            torch.save(self.model.state_dict(), folder / "weights.pt")
+            (folder / "done.json").write_text(json.dumps({"curves": curve, "best_val": best}))
+            self._plot(stage, curve)
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _load_weights(self, path: Path) -> None:
+        self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    @torch.no_grad()
+    def _validate(self, stage: str) -> float:
+        studies = self.data.valid or self.data.train
+        rng = np.random.default_rng([self.run.seed, 99, STAGES.index(stage)])
+        module = _Loss(self.model, self._loss(stage))
+        self.model.eval()
+        if stage == "pretrain" and hasattr(self, "_mae"):
+            self._mae.eval()
+        make_batch: Callable[..., tuple[Any, ...]]
+        if stage == "pretrain":
+            make_batch = self._batch_mae if hasattr(self, "_mae") else self._batch_pretrain3d
+        elif stage == "mem":
+            make_batch = self._batch_mem
+        else:
+            make_batch = self._batch_report
+        losses = [float(module(*make_batch(studies, rng, self.run.stage[stage]["batch"])))
+                  for _ in range(2)]
+        return float(np.mean(losses))
+
+    def _plot(self, stage: str, curve: dict[str, list[float]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(curve["step"], curve["loss"], label="train", alpha=0.7)
+        if curve["val_step"]:
+            ax.plot(curve["val_step"], curve["val_loss"], "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{stage} ({self.config.encoder} encoder)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out / f"loss_{stage}.png", dpi=80)
+        plt.close(fig)
+
+    # -- the whole run --------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run every stage, then save the checkpoint (rank 0) and return its final metrics."""
+        start = time.perf_counter()
+        for stage in self.run.stages:  # after pretraining the vision tower stays frozen
+            self.run_stage(stage)
+        hashes = [_state_hash(self.model)]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, hashes[0])
+            hashes = gathered
+        metrics: dict[str, Any] = {}
+        if self.main:
+            metrics = self._final_metrics()
+            metrics["train_seconds"] = time.perf_counter() - start
+            self._save(metrics, hashes)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return metrics
+
+    def _final_metrics(self) -> dict[str, Any]:
+        from models.evaluate import ReportPair, evaluate_reports
+        from models.generator import ReportGenerator
+
+        studies = (self.data.valid or self.data.train)[: self.run.eval_studies]
+        gen = ReportGenerator(self.model, self.tokenizer, {"name": "MS-VLM"}, "training")
+        pairs = []
+        for s in tqdm(studies, desc="validation reports", disable=not self.main):
+            report = gen.report(self.encoded(s))
+            pairs.append(ReportPair(s.study_id, s.findings, s.impression, report.findings,
+                                    report.impression))
+        return evaluate_reports(pairs, meteor=False)
+
+    def _save(self, metrics: dict[str, Any], hashes: list[str]) -> None:
+        from models.generator import save_checkpoint
+
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            commit = ""
+        card = {
+            "name": "MS-VLM" if self.config.encoder == "slice" else "3D-patch baseline",
+            "modalities": ["CT"], "body_parts": ["CHEST"],
+            "intended_use": "Research and unverified draft reports only; not for clinical use.",
+            "training": {"run_file": self.run.text, "git_commit": commit,
+                         "data": self.data.description, "stages": self.run.stages,
+                         "world_size": self.world, "rank_weight_hashes": hashes},
+            "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+            "per_label_f1": metrics.get("per_label_f1", {}),
+        }
+        save_checkpoint(self.model.eval(), self.tokenizer, self.out, card)
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

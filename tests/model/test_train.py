@@ -1,0 +1,139 @@
+"""Training machinery on tiny configs: every stage learns, resume is exact, the embedding cache
+is reused and invalidated, DDP keeps ranks identical, the baseline trains through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import phantom_dataset
+from models.train import STAGES, RunConfig, Trainer
+from tests.conftest import MSVLM_NODE
+
+MODEL = {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1,
+         "vision_heads": 2, "vision_mlp": 64, "z_hidden": 32, "z_layers": 1, "z_heads": 2,
+         "z_mlp": 64, "num_queries": 8, "max_new_tokens": 24,
+         "lm_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "num_key_value_heads": 2,
+                       "max_position_embeddings": 512}}
+
+
+def run_config(out: Path, steps: int = 30, **model: Any) -> RunConfig:
+    raw = {"run": {"out": str(out), "seed": 3, "device": "cpu", "eval_studies": 3},
+           "model": {**MODEL, **model}, "tokenizer": {"vocab_size": 400},
+           **{s: {"steps": steps, "lr": 5e-3, "batch": 8 if s == "pretrain" else 4,
+                  "eval_every": 10, "warmup": 2} for s in STAGES}}
+    return RunConfig.from_toml(raw, out / "run.toml", "test")
+
+
+@pytest.fixture(scope="module")
+def data() -> Any:
+    return phantom_dataset(8, 3, seed=5, matrix=40, slices=16)
+
+
+def test_every_stage_lowers_its_loss_and_the_run_is_recorded(tmp_path: Path, data: Any) -> None:
+    trainer = Trainer(run_config(tmp_path / "run"), data)
+    metrics = trainer.train()
+    for stage in STAGES:
+        losses = trainer.curves[stage]["loss"]
+        assert np.mean(losses[-5:]) < np.mean(losses[:5]), (stage, losses[:5], losses[-5:])
+        assert (tmp_path / "run" / f"loss_{stage}.png").stat().st_size > 1000
+    card = json.loads((tmp_path / "run" / "model_card.json").read_text())
+    assert card["training"]["run_file"] == "test" and card["training"]["data"]["source"] == (
+        "phantoms")
+    assert "ce_f1_macro" in metrics and "ce_f1_macro" in card["metrics"]
+    from models.generator import ReportGenerator
+    generator = ReportGenerator.from_pretrained(tmp_path / "run", device="cpu")
+    assert generator.card["modalities"] == ["CT"]
+
+
+def test_resume_follows_the_same_curve(tmp_path: Path, data: Any) -> None:
+    full = Trainer(run_config(tmp_path / "a", steps=20), data)
+    full.run_stage("pretrain")
+    full.run_stage("finetune")
+    interrupted = Trainer(run_config(tmp_path / "b", steps=20), data)
+    interrupted.run_stage("pretrain")
+    interrupted.run_stage("finetune", stop_after=10)  # state saved at step 10
+    resumed = Trainer(run_config(tmp_path / "b", steps=20), data)  # a new process, same files
+    resumed.run_stage("pretrain")  # done: skipped, weights loaded
+    resumed.run_stage("finetune")
+    np.testing.assert_allclose(resumed.curves["finetune"]["loss"],
+                               full.curves["finetune"]["loss"], rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(sorted(full.model.state_dict().items()),
+                                 sorted(resumed.model.state_dict().items())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_embedding_cache_reused_and_invalidated(tmp_path: Path, data: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(run_config(tmp_path / "c", steps=2), data)
+    study = data.train[0]
+    first = trainer.encoded(study)
+    calls = []
+    original = trainer.model.encode_slices
+    monkeypatch.setattr(trainer.model, "encode_slices",
+                        lambda view, **kw: calls.append(1) or original(view, **kw))
+    trainer.reset_cache()
+    again = trainer.encoded(study)  # from disk, not recomputed
+    assert calls == [] and torch.equal(first[0].embeddings, again[0].embeddings)
+    with torch.no_grad():
+        next(trainer.model.vision_tower.parameters()).add_(0.5)  # the encoder changes
+    trainer.reset_cache()
+    changed = trainer.encoded(study)
+    assert len(calls) == len(first) and not torch.equal(first[0].embeddings,
+                                                         changed[0].embeddings)
+    assert len(list((tmp_path / "c" / "cache").iterdir())) == 2
+
+
+def _write_run(path: Path, out: str, encoder: str = "slice", steps: int = 4) -> Path:
+    model = {**MODEL, "encoder": encoder, "patch3d_depth": 16, "patch3d_patch_depth": 4}
+    lines = [f'[run]\nout = "{out}"\nseed = 1\ndevice = "cpu"\neval_studies = 2',
+             '[data]\nsource = "phantoms"\ncount = 6\nvalid_count = 2\nmatrix = 40\nslices = 16',
+             "[tokenizer]\nvocab_size = 300", "[model]"]
+    for key, value in model.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} = {v}" for k, v in value.items())
+            lines.append(f"{key} = {{{inner}}}")
+        else:
+            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+    for stage in STAGES:
+        lines.append(f"[{stage}]\nsteps = {steps}\nbatch = 4\neval_every = 2\nlr = 5e-3")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_baseline_trains_through_the_cli(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "baseline.toml", "baseline", encoder="patch3d", steps=12)
+    result = subprocess.run([MSVLM_NODE, "train", str(run)], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = json.loads((tmp_path / "baseline" / "model_card.json").read_text())
+    assert card["name"] == "3D-patch baseline"
+    curve = json.loads((tmp_path / "baseline" / "stages" / "pretrain" / "done.json").read_text())
+    losses = curve["curves"]["loss"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    config = json.loads((tmp_path / "baseline" / "config.json").read_text())
+    assert config["model"]["encoder"] == "patch3d"
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "ddp.toml", "ddp", steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         MSVLM_NODE, "train", str(run)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((tmp_path / "ddp" / "model_card.json").read_text())
+    hashes = card["training"]["rank_weight_hashes"]
+    assert card["training"]["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
+    shutil.rmtree(tmp_path / "ddp" / "cache", ignore_errors=True)
