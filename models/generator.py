@@ -117,6 +117,13 @@ class ReportGenerator:
         model, tokenizer, card, version = load_checkpoint(path, device)
         return cls(model, tokenizer, card, version)
 
+    def supports(self, modality: str, body_part: str | None) -> bool:
+        """Whether the model card declares this modality and body part (``"*"`` = any)."""
+        modalities = [str(m).upper() for m in self.card.get("modalities", ["*"])]
+        parts = [str(p).upper() for p in self.card.get("body_parts", ["*"])]
+        return (("*" in modalities or modality.upper() in modalities)
+                and ("*" in parts or (body_part or "").upper() in parts))
+
     def encode_slices(self, view: View) -> EncodedView:
         """Per-slice embeddings of one view (cache them by series UID and ``version``)."""
         return self.model.encode_slices(view)

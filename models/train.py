@@ -229,6 +229,15 @@ class Trainer:
         self._cache[study.study_id] = views
         return views
 
+    def _prefill(self) -> None:
+        """Encode every study once (each rank its share) so training steps only read the cache."""
+        studies = self.data.train + self.data.valid
+        for study in tqdm(studies[self.rank::self.world], desc="slice embeddings",
+                          unit="study", disable=not self.main):
+            self.encoded(study)
+        if self.world > 1:
+            torch.distributed.barrier()
+
     # -- batches ------------------------------------------------------------------------------------
     def _indices(self, stage: str, step: int, n: int, batch: int) -> list[int]:
         picks = self._rng(stage, step).choice(n, size=min(batch, n), replace=False)
@@ -346,6 +355,8 @@ class Trainer:
             logger.info("Stage %s already done; skipped", stage)
             return
         self.reset_cache()
+        if stage != "pretrain":
+            self._prefill()
         params, make_batch = self._setup_stage(stage)
         module: nn.Module = _Loss(self.model, self._loss(stage))
         if stage == "pretrain" and hasattr(self, "_mae"):

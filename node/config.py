@@ -114,6 +114,23 @@ class CompletionConfig:
     stable_age_s: float = 60.0
 
 
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "demo"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: which checkpoint drafts the reports, and where it runs."""
+
+    checkpoint: str = "demo"
+    device: str = "auto"
+    threads: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The checkpoint folder (``"demo"``: the one shipped in the package)."""
+        return DEMO_CHECKPOINT if self.checkpoint == "demo" else Path(self.checkpoint)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
@@ -124,6 +141,7 @@ class Config:
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     storage: StorageConfig = field(default_factory=StorageConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def peer_for_store(self, calling_ae_title: str, address: str) -> PeerConfig | None:
         """Return the peer allowed to store with this calling AE title from this address."""
@@ -137,7 +155,7 @@ class Config:
         lines = [f"# effective configuration from {self.path}"]
         sections: list[tuple[str, Any]] = [
             ("node", self.node), ("tls", self.tls), ("storage", self.storage),
-            ("completion", self.completion),
+            ("completion", self.completion), ("model", self.model),
         ]
         sections += [(f"peers.{name}", peer) for name, peer in self.peers.items()]
         for title, section in sections:
@@ -321,7 +339,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
     """Validate an already parsed TOML document; see :func:`load_config`."""
     base = cfg_path.resolve().parent
-    known_sections = {"node", "tls", "peers", "storage", "completion"}
+    known_sections = {"node", "tls", "peers", "storage", "completion", "model"}
     for name in raw:
         if name not in known_sections:
             raise ConfigError(f"{cfg_path}: [{name}]: unknown section (known: "
@@ -418,5 +436,26 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
     s = _Section(cfg_path, "completion", raw.get("completion", {}), {"stable_age_s"})
     completion = CompletionConfig(stable_age_s=s.get("stable_age_s", float, 60.0, _positive))
 
+    s = _Section(cfg_path, "model", raw.get("model", {}), {"checkpoint", "device", "threads"})
+
+    def checkpoint(value: str) -> str:
+        if value == "demo":
+            if not (DEMO_CHECKPOINT / "model.safetensors").exists():
+                raise ValueError("'demo': no demo checkpoint is shipped in this installation")
+            return value
+        path = _relative(base, value)
+        if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+            raise ValueError(f"{str(path)!r} is not a checkpoint folder (model.safetensors, "
+                             "config.json)")
+        return str(path)
+
+    def device(value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError(f"{value!r} is not auto, cpu, cuda or cuda:N")
+        return value
+
+    model = ModelConfig(checkpoint=s.get("checkpoint", str, "demo", checkpoint),
+                        device=s.get("device", str, "auto", device),
+                        threads=s.get("threads", int, 0, _non_negative))
     return Config(path=cfg_path, node=node, tls=tls, peers=peers, storage=storage,
-                  completion=completion)
+                  completion=completion, model=model)

@@ -192,12 +192,13 @@ def _predictions(path: Path) -> dict[str, tuple[str, str]]:
 
 def resolve_checkpoint(value: str, base: Path | None = None) -> Path:
     """``"demo"`` (the checkpoint shipped in the package) or a folder, relative to ``base``."""
+    from node.config import DEMO_CHECKPOINT
+
     if value == "demo":
-        path = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "demo"
-        if not (path / "model.safetensors").exists():
+        if not (DEMO_CHECKPOINT / "model.safetensors").exists():
             raise ValueError("Invalid checkpoint 'demo' - no demo checkpoint is shipped in this "
                              "installation yet; pass a checkpoint folder")
-        return path
+        return DEMO_CHECKPOINT
     path = Path(value)
     if not path.is_absolute() and base is not None:
         path = base / path

@@ -1,0 +1,54 @@
+"""The shipped demo checkpoint: loads by name, stays in its declared scope, and keeps reporting
+what it reported for a fixed phantom case (a regression test on the real trained weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models.generator import ReportGenerator
+from models.labeler import RuleLabeler, binary
+from models.phantom import generate_case
+from node.config import DEMO_CHECKPOINT
+from node.research import resolve_checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo() -> ReportGenerator:
+    return ReportGenerator.from_pretrained(resolve_checkpoint("demo"), device="cpu")
+
+
+def test_demo_checkpoint_is_small_and_documented(demo: ReportGenerator) -> None:
+    size = sum(p.stat().st_size for p in DEMO_CHECKPOINT.rglob("*") if p.is_file()
+               and "cache" not in p.parts and "stages" not in p.parts)
+    assert size <= 25 * 2**20
+    card = json.loads((DEMO_CHECKPOINT / "model_card.json").read_text())
+    assert card["modalities"] == ["CT"] and card["body_parts"] == ["CHEST"]
+    assert "not for clinical use" in card["intended_use"].lower()
+    assert "synthetic" in json.dumps(card["training"]["data"]).lower() or \
+        card["training"]["data"]["source"] == "phantoms"
+    assert "ce_f1_macro" in card["metrics"]
+    assert len(demo.version) == 16
+
+
+def test_scope_is_read_from_the_card(demo: ReportGenerator) -> None:
+    assert demo.supports("CT", "CHEST")
+    assert not demo.supports("MR", "BRAIN")
+    assert not demo.supports("CT", "HEAD")
+
+
+REGRESSION_SEED = 9001
+REGRESSION_LABELS = {"Cardiomegaly", "Pleural effusion"}
+
+
+def test_report_for_a_fixed_case_carries_its_labels(demo: ReportGenerator) -> None:
+    case = generate_case(REGRESSION_SEED, phases=("non_contrast",), prevalence=0.0,
+                         force={label: True for label in REGRESSION_LABELS})
+    report = demo.generate(case.views)
+    found = binary(RuleLabeler().label(report.findings + "\n" + report.impression))
+    truth = {k: int(v) for k, v in case.labels.items()}
+    assert {k for k, v in found.items() if v} == {k for k, v in truth.items() if v}, report.text
+    assert report.model_version == demo.version
+    assert np.isfinite(report.timings["encode_s"])
