@@ -24,6 +24,8 @@ class StudyItem:
     findings: str
     impression: str
     load: Callable[[], list[View]]
+    variant: Callable[[int], tuple[str, str]] | None = None
+    """Another true wording of the report (phantoms), or None when there is only one."""
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Dataset:
 def phantom_dataset(count: int, valid_count: int, seed: int = 0,
                     **kwargs: Any) -> Dataset:
     """Phantoms generated when loaded; train seeds and valid seeds never overlap."""
-    from models.phantom import generate_case, iter_cases
+    from models.phantom import generate_case, iter_cases, report_variant
 
     def items(n: int, base: int, tag: str) -> list[StudyItem]:
         out = []
@@ -62,8 +64,11 @@ def phantom_dataset(count: int, valid_count: int, seed: int = 0,
             def load(case_seed: int = case_seed, sid: str = case.study_id) -> list[View]:
                 return generate_case(case_seed, sid, **kwargs).views
 
+            def variant(k: int, case: Any = case) -> tuple[str, str]:
+                return report_variant(case, k)
+
             out.append(StudyItem(case.study_id, f"{tag}-{case_seed}", case.findings,
-                                 case.impression, load))
+                                 case.impression, load, variant))
         return out
 
     return Dataset(items(count, 2 * seed + 1, "p"), items(valid_count, 2 * seed + 2, "p"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +48,7 @@ def save_checkpoint(model: MSVLM, tokenizer: Any, directory: str | Path,
     state = model.state_dict()
     tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in _stored_keys(model)}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    os.chmod(out / WEIGHTS, 0o644)  # readable by a service user, like the other files
     (out / CONFIG).write_text(json.dumps({
         "model": model.config.to_dict(), "vocab_size": len(tokenizer),
         "special_ids": model.special_ids}, indent=2))

@@ -537,6 +537,16 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
                        case["nodules"], sides, case["embolus"], spacing)
 
 
+def report_variant(case: PhantomCase, seed: int) -> tuple[str, str]:
+    """Another wording and order of the same case's report (every statement still true).
+
+    Training draws a fresh variant each time a study is sampled, so the language model learns
+    what the images say rather than memorising one text per study.
+    """
+    facts = {"labels": case.labels, "sides": case.sides, "nodules": case.nodules}
+    return _write_report(facts, np.random.default_rng([case.seed, seed]))
+
+
 def _place_nodule(an: _Anatomy, rng: np.random.Generator, pixel: float) -> Nodule:
     side = str(rng.choice(["right", "left"]))
     diameter = float(rng.choice([6.0, 8.0, 10.0, 14.0, 18.0]))

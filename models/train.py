@@ -315,8 +315,13 @@ class Trainer:
                       batch: int) -> tuple[Any, ...]:
         picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
         chosen = [studies[int(i)] for i in picks]
-        ids, mask = encode_targets(self.tokenizer, [format_report(s.findings, s.impression)
-                                                    for s in chosen], self.device)
+        texts = []
+        for s in chosen:  # training draws a fresh true wording where the data has variants
+            findings, impression = s.findings, s.impression
+            if s.variant is not None and studies is not self.data.valid:
+                findings, impression = s.variant(int(rng.integers(2**31)))
+            texts.append(format_report(findings, impression))
+        ids, mask = encode_targets(self.tokenizer, texts, self.device)
         return ([self.encoded(s) for s in chosen], ids, mask)
 
     def _loss(self, stage: str) -> Callable[..., torch.Tensor]:

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, common)
     add_train_command(sub, common)
+    from node.offline import add_report_command
+
+    add_report_command(sub, common)
     return parser
 
 

@@ -63,6 +63,9 @@ def test_relative_storage_root_resolves_against_the_config_folder(tmp_path: Path
      "[peers.PACS]", "repeats [peers.pacs]"),
     ('[peers."a b"]\nae_title = "P"\nhost = "127.0.0.1"\nport = 1\n', "[peers.a b]", "peer name"),
     ('[tls]\ncertificate = "missing.pem"\n', "[tls] certificate", "not a readable file"),
+    ('[model]\ncheckpoint = "nowhere"\n', "[model] checkpoint", "not a checkpoint folder"),
+    ('[model]\ndevice = "tpu"\n', "[model] device", "not auto, cpu, cuda"),
+    ("[model]\nthreads = -2\n", "[model] threads", "negative"),
 ])
 def test_errors_name_file_key_and_rule(tmp_path: Path, text: str, key: str, rule: str) -> None:
     path = write(tmp_path, text) if not text.startswith("[storage]") else tmp_path / "n.toml"

@@ -130,6 +130,12 @@ def test_evaluate_command_with_predictions(tmp_path: Path) -> None:
     assert metrics["n_studies"] == 4
     assert metrics["bleu4"] == pytest.approx(1.0) and metrics["ce_f1_micro"] == 1.0
     assert out.with_suffix(".md").read_text().startswith("## Evaluation")
-    missing = run_cli("evaluate", "--checkpoint", "demo", "--data", str(data), "--out",
-                      str(tmp_path / "x.json"))
-    assert missing.returncode == 2 and "no demo checkpoint" in missing.stderr
+    by_model = run_cli("evaluate", "--checkpoint", "demo", "--data", str(data), "--out",
+                       str(tmp_path / "demo.json"), "--views", "first", "--device", "cpu",
+                       "--no-meteor")
+    assert by_model.returncode == 0, by_model.stderr[-2000:]
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert demo["n_studies"] == 4 and demo["views"] == "first" and demo["source"] == "demo"
+    missing = run_cli("evaluate", "--checkpoint", str(tmp_path / "absent"), "--data", str(data),
+                      "--out", str(tmp_path / "x.json"))
+    assert missing.returncode == 2 and "not a folder" in missing.stderr

@@ -1,0 +1,122 @@
+"""Offline mode and the SR: a phantom study in, a valid TID 2000 draft SR out."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from models.generator import build_tiny, save_checkpoint
+from models.phantom import generate_case
+from models.report import train_tokenizer
+from node.sr import SeriesRead, build_report_sr, sr_text
+from storage.volumes import StudyInfo, write_ct_series
+from tests.conftest import MR_TS_DIR, ODD_DIR, run_cli, samples_or_skip, write_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    tokenizer = train_tokenizer(["Findings: Lungs are clear.\nImpression: Normal."] * 3, 300)
+    model = build_tiny(tokenizer, image_size=32, patch_size=8, vision_hidden=32,
+                       vision_layers=1, z_hidden=32, z_layers=1, num_queries=4,
+                       max_new_tokens=12,
+                       lm_config={"hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "num_key_value_heads": 2, "max_position_embeddings": 256})
+    save_checkpoint(model.eval(), tokenizer, out, {"name": "tiny-test", "modalities": ["CT"],
+                                                   "body_parts": ["CHEST"]})
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy missing (apt-get install dicom3tools)")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")]
+
+
+def test_offline_report_writes_a_valid_draft_sr(tmp_path: Path, checkpoint: Path) -> None:
+    case = generate_case(77, phases=("non_contrast", "arterial"), slices=24, matrix=48)
+    study = StudyInfo("1.2.826.0.1.3680043.10.1452.77", "PH77")
+    for n, view in enumerate(case.views, start=1):
+        write_ct_series(tmp_path / "study" / f"s{n}", view.pixels, view.z_mm,
+                        view.pixel_spacing_mm, view.plane, view.phase, study, n)
+    (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+    config = write_config(tmp_path, {"storage": {"root": str(tmp_path / "store")},
+                                     "model": {"checkpoint": str(checkpoint), "device": "cpu"}})
+    result = run_cli("report", str(tmp_path / "study"), "--out", str(tmp_path / "out"), "-c",
+                     str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    [sr_path] = list((tmp_path / "out").glob("SR-*.dcm"))
+    sr = pydicom.dcmread(sr_path)
+    findings, impression = sr_text(sr)
+    assert f"Findings: {findings}\nImpression: {impression}" in result.stdout
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "PARTIAL", "UNVERIFIED", "PRELIMINARY")
+    assert "UNVERIFIED" in sr.SeriesDescription and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == study.study_instance_uid
+    [algorithm] = [e for e in sr.ContributingEquipmentSequence
+                   if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109103"]
+    assert algorithm.Manufacturer == "msvlm-node" and algorithm.ManufacturerModelName == (
+        "tiny-test")
+    referenced = {item.ReferencedSOPInstanceUID
+                  for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in study_item.ReferencedSeriesSequence
+                  for item in series.ReferencedSOPSequence}
+    assert len(referenced) == 48  # every instance read, both phases
+    root = sr.ConceptNameCodeSequence[0]
+    assert (root.CodeValue, root.CodingSchemeDesignator) == ("18748-4", "LN")
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    [statement] = [item.TextValue for section in sr.ContentSequence
+                   if "ContentSequence" in section for item in section.ContentSequence
+                   if item.ConceptNameCodeSequence[0].CodeValue == "121065"]
+    assert "series 1" in statement and "series 2" in statement and "arterial" in statement
+    assert dciodvfy_errors(sr_path) == []
+    html = subprocess.run(["/usr/bin/dsr2html", str(sr_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert html.returncode == 0 and "Diagnostic Imaging Report" in html.stdout
+
+
+def test_mr_study_is_refused_with_a_reason(tmp_path: Path, checkpoint: Path) -> None:
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    for f in sorted(samples_or_skip(MR_TS_DIR).glob("*.dcm"))[:2]:
+        shutil.copy(f, folder / f.name)
+    config = write_config(tmp_path, {"storage": {"root": str(tmp_path / "store")},
+                                     "model": {"checkpoint": str(checkpoint), "device": "cpu"}})
+    result = run_cli("report", str(folder), "--out", str(tmp_path / "out"), "-c", str(config))
+    assert result.returncode == 3
+    assert "modality MR not supported by this checkpoint" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["chrArab.dcm", "chrH31.dcm", "chrJapMulti.dcm"])
+def test_sr_keeps_the_patients_character_set(tmp_path: Path, name: str) -> None:
+    header = pydicom.dcmread(samples_or_skip(ODD_DIR) / name, stop_before_pixels=True)
+    sr = build_report_sr("No acute findings.", "Normal.", "tiny", "0123456789abcdef",
+                         "1.2.826.0.1.3680043.10.1452.5", [header],
+                         [SeriesRead(header.SeriesInstanceUID, 1, "", "axial", "unknown", 1)])
+    assert sr.SpecificCharacterSet == header.SpecificCharacterSet
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    again = pydicom.dcmread(path)
+    assert again.PatientName == header.PatientName
+    assert dciodvfy_errors(path) == []
+
+
+def test_previous_report_is_referenced(tmp_path: Path) -> None:
+    header = pydicom.dcmread(samples_or_skip(ODD_DIR) / "chrArab.dcm", stop_before_pixels=True)
+    read = [SeriesRead(header.SeriesInstanceUID, 1, "", "axial", "unknown", 1)]
+    first = build_report_sr("A.", "B.", "tiny", "0" * 16, "1.2.3.4", [header], read)
+    second = build_report_sr("C.", "D.", "tiny", "0" * 16, "1.2.3.4", [header], read, [first])
+    predecessor: Any = second.PredecessorDocumentsSequence[0]
+    uid = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert uid.ReferencedSOPInstanceUID == first.SOPInstanceUID
