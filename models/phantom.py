@@ -103,14 +103,16 @@ class _Volume:
         d = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2
         return box, d <= 1.0
 
-    def ellipsoid(self, center: Any, semi: Any, value: float, where: Any = None) -> None:
-        got = self.ellipsoid_mask(center, semi)
+    def _fill(self, got: tuple[Any, np.ndarray] | None, value: float, where: Any) -> None:
         if got is None:
             return
         box, mask = got
         if where is not None:
             mask = mask & where[box]
         self.hu[box][mask] = value
+
+    def ellipsoid(self, center: Any, semi: Any, value: float, where: Any = None) -> None:
+        self._fill(self.ellipsoid_mask(center, semi), value, where)
 
     def tube_mask(self, p0: Any, p1: Any, radius: float) -> tuple[Any, np.ndarray] | None:
         a, b = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
@@ -128,13 +130,7 @@ class _Volume:
         return box, d2 <= radius ** 2
 
     def tube(self, p0: Any, p1: Any, radius: float, value: float, where: Any = None) -> None:
-        got = self.tube_mask(p0, p1, radius)
-        if got is None:
-            return
-        box, mask = got
-        if where is not None:
-            mask = mask & where[box]
-        self.hu[box][mask] = value
+        self._fill(self.tube_mask(p0, p1, radius), value, where)
 
 
 def _pick(rng: np.random.Generator, options: list[str]) -> str:
