@@ -13,6 +13,7 @@ time until the index holds every instance is printed too.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -70,7 +71,9 @@ def build_series(dest: Path, count: int, tag: str) -> Path:
     return dest
 
 
-class Receiver:
+class Receiver(abc.ABC):
+    """A receiver under test: started fresh for every case and repeat."""
+
     name = ""
     ae_title = ""
 
@@ -79,8 +82,9 @@ class Receiver:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Start the receiver and return once its port accepts connections."""
 
     def stop(self) -> None:
         if self.proc is not None:
