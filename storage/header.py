@@ -19,12 +19,7 @@ def _stop_at_pixels(tag: object, vr: object, length: object) -> bool:
     return int(tag) in _PIXEL_TAGS  # type: ignore[call-overload]
 
 
-def _stop_after_series_uid(tag: object, vr: object, length: object) -> bool:
-    return int(tag) > 0x0020000E  # type: ignore[call-overload]
-
-
-def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str,
-                      identifiers_only: bool = False) -> Dataset:
+def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str) -> Dataset:
     """Parse the header of a data set as received over the network.
 
     Parameters
@@ -33,9 +28,6 @@ def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str,
         The encoded data set (no preamble, no file meta), as in a C-STORE request.
     transfer_syntax_uid : str
         The transfer syntax of the accepted presentation context.
-    identifiers_only : bool
-        Stop after Series Instance UID (0020,000E): enough for the SOP Class, SOP Instance,
-        Study and Series UIDs, and about half the work of a full header on the receive path.
 
     Returns
     -------
@@ -52,7 +44,7 @@ def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str,
     if ts == DeflatedExplicitVRLittleEndian:
         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
     ds = read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
-                      stop_when=_stop_after_series_uid if identifiers_only else _stop_at_pixels)
+                      stop_when=_stop_at_pixels)
     return ds
 
 
