@@ -16,7 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,6 +132,46 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """``[selection]``: which series the model reads (``None`` = what the checkpoint declares)."""
+
+    modalities: tuple[str, ...] | None = None
+    body_parts: tuple[str, ...] | None = None
+    planes: tuple[str, ...] = ("axial", "coronal", "sagittal")
+    phases: tuple[str, ...] = ("*",)
+    min_slices: int = 16
+    max_series: int = 4
+    exclude_image_types: tuple[str, ...] = ("DERIVED", "SECONDARY", "LOCALIZER", "SCOUT")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``[report]``: where drafts go and in which forms."""
+
+    send_to: tuple[str, ...] = ()
+    send_back_to_sender: bool = False
+    pdf: bool = False
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """``[delivery]``: retries of sending drafts (exponential backoff, then dead letters)."""
+
+    retry_delay_s: float = 30.0
+    max_retry_delay_s: float = 3600.0
+    max_retries: int = 10
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """``[worker]``: the processes that run the model."""
+
+    processes: int = 1
+    lease_s: float = 60.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -142,6 +182,10 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def peer_for_store(self, calling_ae_title: str, address: str) -> PeerConfig | None:
         """Return the peer allowed to store with this calling AE title from this address."""
@@ -156,6 +200,8 @@ class Config:
         sections: list[tuple[str, Any]] = [
             ("node", self.node), ("tls", self.tls), ("storage", self.storage),
             ("completion", self.completion), ("model", self.model),
+            ("selection", self.selection), ("report", self.report),
+            ("delivery", self.delivery), ("worker", self.worker),
         ]
         sections += [(f"peers.{name}", peer) for name, peer in self.peers.items()]
         for title, section in sections:
@@ -174,6 +220,8 @@ class Config:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, enum.Enum):
@@ -339,7 +387,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
     """Validate an already parsed TOML document; see :func:`load_config`."""
     base = cfg_path.resolve().parent
-    known_sections = {"node", "tls", "peers", "storage", "completion", "model"}
+    known_sections = {"node", "tls", "peers", "storage", "completion", "model", "selection",
+                      "report", "delivery", "worker"}
     for name in raw:
         if name not in known_sections:
             raise ConfigError(f"{cfg_path}: [{name}]: unknown section (known: "
@@ -458,4 +507,73 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
                         device=s.get("device", str, "auto", device),
                         threads=s.get("threads", int, 0, _non_negative))
     return Config(path=cfg_path, node=node, tls=tls, peers=peers, storage=storage,
-                  completion=completion, model=model)
+                  completion=completion, model=model, **_pipeline_sections(raw, cfg_path, peers))
+
+
+def _strings(allowed: Sequence[str] | None = None, upper: bool = False) -> Callable[[Any], Any]:
+    """A check for a list of strings (``"*"`` = any), each in ``allowed`` when given."""
+
+    def check(value: list[Any]) -> tuple[str, ...]:
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError(f"{value!r} must be a non-empty list of strings")
+        out = tuple(v.strip().upper() if upper else v.strip() for v in value)
+        if allowed is not None:
+            bad = [v for v in out if v != "*" and v not in allowed]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not one of {', '.join(allowed)} or \"*\"")
+        return out
+
+    return check
+
+
+def _pipeline_sections(raw: Mapping[str, Any], cfg_path: Path,
+                       peers: Mapping[str, PeerConfig]) -> dict[str, Any]:
+    """``[selection]``, ``[report]``, ``[delivery]`` and ``[worker]``."""
+    from models.view import PHASES, PLANES
+
+    d = SelectionConfig()
+    s = _Section(cfg_path, "selection", raw.get("selection", {}),
+                 {f.name for f in dataclasses.fields(SelectionConfig)})
+    selection = SelectionConfig(
+        modalities=s.get("modalities", list, None, _strings(upper=True)),
+        body_parts=s.get("body_parts", list, None, _strings(upper=True)),
+        planes=s.get("planes", list, d.planes, _strings(PLANES)),
+        phases=s.get("phases", list, d.phases, _strings(PHASES)),
+        min_slices=s.get("min_slices", int, d.min_slices, _positive),
+        max_series=s.get("max_series", int, d.max_series, _positive),
+        exclude_image_types=s.get("exclude_image_types", list, d.exclude_image_types,
+                                  _strings(upper=True)),
+    )
+
+    def peer_names(value: list[Any]) -> tuple[str, ...]:
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{value!r} must be a list of peer names")
+        for name in value:
+            if name not in peers:
+                raise ValueError(f"{name!r} is not a configured peer (known: "
+                                 f"{', '.join(sorted(peers)) or 'none'})")
+        return tuple(value)
+
+    s = _Section(cfg_path, "report", raw.get("report", {}), {"send_to", "send_back_to_sender", "pdf"})
+    report = ReportConfig(send_to=s.get("send_to", list, (), peer_names),
+                          send_back_to_sender=s.get("send_back_to_sender", bool, False),
+                          pdf=s.get("pdf", bool, False))
+
+    d2 = DeliveryConfig()
+    s = _Section(cfg_path, "delivery", raw.get("delivery", {}),
+                 {f.name for f in dataclasses.fields(DeliveryConfig)})
+    delivery = DeliveryConfig(
+        retry_delay_s=s.get("retry_delay_s", float, d2.retry_delay_s, _positive),
+        max_retry_delay_s=s.get("max_retry_delay_s", float, d2.max_retry_delay_s, _positive),
+        max_retries=s.get("max_retries", int, d2.max_retries, _non_negative))
+    if delivery.max_retry_delay_s < delivery.retry_delay_s:
+        raise s.error("max_retry_delay_s", f"{delivery.max_retry_delay_s} is less than "
+                                           f"retry_delay_s {delivery.retry_delay_s}")
+
+    d3 = WorkerConfig()
+    s = _Section(cfg_path, "worker", raw.get("worker", {}),
+                 {f.name for f in dataclasses.fields(WorkerConfig)})
+    worker = WorkerConfig(processes=s.get("processes", int, d3.processes, _non_negative),
+                          lease_s=s.get("lease_s", float, d3.lease_s, _positive),
+                          max_attempts=s.get("max_attempts", int, d3.max_attempts, _positive))
+    return dict(selection=selection, report=report, delivery=delivery, worker=worker)

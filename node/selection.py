@@ -8,7 +8,9 @@ otherwise); several planes and phases go into one model call, the largest series
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
+
+from node.config import SelectionConfig
 
 NON_IMAGE_MODALITIES = {"SR", "DOC", "PR", "KO", "SEG", "RTSTRUCT", "REG", "OT"}
 
@@ -97,3 +99,13 @@ def select_series(series: Sequence[SeriesInfo], rules: SelectionRules) -> Select
     out.chosen = sorted(out.chosen[: rules.max_series],
                         key=lambda s: (s.series_number or 0, s.series_instance_uid))
     return out
+
+
+def rules_for(config: SelectionConfig, card: Mapping[str, Any]) -> SelectionRules:
+    """The rules in effect: ``[selection]``, with modalities and body parts left unset taken
+    from the checkpoint's model card (its declared scope)."""
+    return SelectionRules(
+        modalities=config.modalities or tuple(card.get("modalities") or ("*",)),
+        body_parts=config.body_parts or tuple(card.get("body_parts") or ("*",)),
+        planes=config.planes, phases=config.phases, min_slices=config.min_slices,
+        max_series=config.max_series, exclude_image_types=config.exclude_image_types)

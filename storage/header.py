@@ -60,6 +60,8 @@ INDEX_KEYWORDS = [
     # contrast and sequence (phase)
     "ContrastBolusAgent", "ContrastBolusAgentSequence", "ContrastBolusStartTime", "SequenceName",
     "DiffusionBValue", "RepetitionTime", "EchoTime", "InversionTime",
+    # provenance of objects we made ourselves (loop prevention)
+    "DeviceUID", "ContributingEquipmentSequence",
 ]
 """What the index and the classifier read from a stored file; nothing else is parsed."""
 

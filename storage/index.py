@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import classify
 from storage.files import FileStore
 from storage.header import read_header_file
-from storage.schema import Instance, Series, Study
+from storage.schema import Instance, NodeIdentity, Series, Study, StudyState
 from storage.uids import check_uid
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,33 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+NON_REPORTABLE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents (PDF, CDA, STL, ...)
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.66",  # registrations, segmentations, surfaces
+)
+
+
+def made_by(ds: Dataset, device_uid: str) -> bool:
+    """Whether ``ds`` carries ``device_uid`` (our own SR or PDF coming back to us)."""
+    if str(ds.get("DeviceUID", "")) == device_uid:
+        return True
+    return any(str(item.get("DeviceUID", "")) == device_uid
+               for item in ds.get("ContributingEquipmentSequence", []))
+
+
+def starts_report(sop_class_uid: str, ds: Dataset, device_uid: str) -> bool:
+    """Whether receiving this instance may start a report job: an image we did not make.
+
+    SR, PDF and other non-image objects never do, nor does anything carrying our device UID, so
+    a PACS that echoes our drafts back cannot start a loop.
+    """
+    if sop_class_uid.startswith(NON_REPORTABLE_SOP_PREFIXES) or "Rows" not in ds:
+        return False
+    return not made_by(ds, device_uid)
 
 
 @dataclass(frozen=True)
@@ -145,6 +173,16 @@ class Index:
         self.engine = create_index_engine(url)
         migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.device_uid = self.identity("device_uid", generate_uid)
+
+    def identity(self, key: str, create: Any) -> str:
+        """A value created once for this index (``create()``) and kept, e.g. the device UID."""
+        with self.sessions.begin() as session:
+            row = session.get(NodeIdentity, key)
+            if row is None:
+                row = NodeIdentity(key=key, value=str(create()))
+                session.add(row)
+            return row.value
 
     def close(self) -> None:
         self.engine.dispose()
@@ -182,6 +220,10 @@ class Index:
                     studies[rec.study_instance_uid] = study
                 study.first_received_at = min(study.first_received_at, rec.received_at)
                 study.last_received_at = max(study.last_received_at, rec.received_at)
+                if starts_report(rec.sop_class_uid, ds, self.device_uid):
+                    study.last_image_at = max(study.last_image_at or rec.received_at,
+                                              rec.received_at)
+                    study.state = StudyState.RECEIVING
                 series = series_by_uid.get(rec.series_instance_uid)
                 if series is None:
                     series = Series(study=study, series_instance_uid=rec.series_instance_uid,

@@ -38,6 +38,10 @@ class Study(Base):
         Enum(StudyState, values_callable=lambda e: [m.value for m in e], native_enum=False,
              length=16),
         default=StudyState.RECEIVING)
+    last_image_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    """Receipt of the newest instance that may start a report (an image not made by us)."""
+    queued_through: Mapped[datetime | None] = mapped_column(DateTime)
+    """``last_image_at`` covered by the newest report job; a later image queues a new job."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study",
                                                 cascade="all, delete-orphan")
@@ -86,3 +90,84 @@ class Instance(Base):
     image_type: Mapped[str | None] = mapped_column(String(128))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobState(str, enum.Enum):
+    """A report job's life cycle."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    """Permanently failed; ``error`` says why (no eligible series, unreadable volume, ...)."""
+
+
+class DeliveryState(str, enum.Enum):
+    """One object on its way to one destination peer."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+    """Gave up after ``[delivery] max_retries``; ``msvlm-node resend`` queues it again."""
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, values_callable=lambda e: [m.value for m in e], native_enum=False, length=16)
+
+
+class Job(Base):
+    """One report of one study, over the image instances received up to ``covers_through``."""
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    covers_through: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(String(1024))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    series_read: Mapped[str | None] = mapped_column(String(1024))
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_path: Mapped[str | None] = mapped_column(String(1024))
+    pdf_path: Mapped[str | None] = mapped_column(String(1024))
+    timings: Mapped[str | None] = mapped_column(String(512))
+
+    study: Mapped[Study] = relationship()
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job",
+                                                      cascade="all, delete-orphan")
+
+
+class Delivery(Base):
+    """One stored object (SR or PDF) to send to one configured peer: the outbox."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    peer: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState),
+                                                 default=DeliveryState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(String(1024))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class NodeIdentity(Base):
+    """Values created once per index and kept: the device observer UID of the reports."""
+
+    __tablename__ = "node_identity"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))

@@ -3,7 +3,7 @@
 Volumes here are plain arrays (``storage`` never imports ``models``): float32 ``(S, H, W)`` in
 HU, slices ordered by increasing position along the slice normal, rows and columns as stored, with
 each slice's position along the normal (``z_mm``) — exactly the ``View`` layout, which the CLI
-builds from them. (The pipeline issue replaces the reader with highdicom volumes.)
+builds from them. Reading goes through highdicom's volume API.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -148,13 +149,44 @@ def write_ct_series(folder: str | Path, pixels_hu: np.ndarray, z_mm: Sequence[fl
     return paths
 
 
+def _along_normal(volume: hd.Volume) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels, z_mm) of a highdicom volume with slices ordered by increasing position along
+    the image normal (highdicom orders them the other way for a right-handed affine)."""
+    direction = volume.direction
+    normal = np.cross(direction[:, 2], direction[:, 1])  # row cosines x column cosines
+    corners = np.stack([np.arange(volume.shape[0]), np.zeros(volume.shape[0]),
+                        np.zeros(volume.shape[0])], axis=1)
+    z = volume.map_indices_to_reference(corners) @ normal
+    pixels = np.asarray(volume.array, dtype=np.float32)
+    if pixels.ndim == 4:  # a single channel (e.g. monochrome) axis
+        pixels = pixels[..., 0]
+    if len(z) > 1 and z[1] < z[0]:
+        return np.ascontiguousarray(pixels[::-1]), z[::-1].copy()
+    return pixels, z
+
+
+def _stack_slices(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray]:
+    """Slices at irregular positions (a gap, varying thickness): each keeps its own ``z_mm``
+    (the Z-former reads positions, so no resampling is needed)."""
+    positions = [classify.position_along_normal(ds) for ds in datasets]
+    order = np.argsort([p for p in positions if p is not None])
+    z = np.array([positions[i] for i in order], dtype=np.float64)
+    pixels = np.stack([np.asarray(apply_modality_lut(datasets[i].pixel_array, datasets[i]),
+                                  dtype=np.float32) for i in order])
+    return pixels, z
+
+
 def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
-    """Read one single-frame series into a volume ordered along its normal.
+    """Read one series (single-frame images, or one enhanced multi-frame image) as a volume
+    ordered along its normal, through highdicom's volume API (compressed syntaxes decoded by
+    pydicom's codecs).
 
     Raises
     ------
     ValueError
-        Files of several series, mixed orientations or sizes, or repeated positions.
+        Files of several series, mixed orientations or sizes, repeated positions, a gantry tilt
+        (slices not stacked along their normal) or several multi-frame objects; the message is
+        the reason stored for the job.
     """
     datasets = [pydicom.dcmread(p) for p in paths]
     if not datasets:
@@ -162,21 +194,37 @@ def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
     uids = {str(ds.SeriesInstanceUID) for ds in datasets}
     if len(uids) != 1:
         raise ValueError(f"Invalid series - files of {len(uids)} series")
-    found = [classify.position_along_normal(ds) for ds in datasets]
-    positions = [p for p in found if p is not None]
-    if len(positions) != len(found):
-        raise ValueError("Invalid series - a slice lacks position or orientation")
-    order = np.argsort(positions)
-    z = np.array([positions[i] for i in order], dtype=np.float64)
-    if len(z) > 1 and not (np.diff(z) > 1e-4).all():
-        raise ValueError("Invalid series - repeated slice positions")
-    first = datasets[order[0]]
-    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-    if len(shapes) != 1:
-        raise ValueError(f"Invalid series - slices of sizes {sorted(shapes)}")
-    pixels = np.stack([np.asarray(apply_modality_lut(datasets[i].pixel_array, datasets[i]),
-                                  dtype=np.float32) for i in order])
-    spacing = tuple(float(v) for v in first.PixelSpacing)
-    return SeriesVolume(pixels, z, (spacing[0], spacing[1]), str(first.Modality),
-                        classify.plane(first).value, classify.phase(first), uids.pop(),
-                        [str(datasets[i].SOPInstanceUID) for i in order])
+    first = datasets[0]
+    frames = int(first.get("NumberOfFrames", 1) or 1)
+    if frames > 1 or "PerFrameFunctionalGroupsSequence" in first:
+        if len(datasets) != 1:
+            raise ValueError(f"Invalid series - {len(datasets)} multi-frame objects in one series")
+        try:
+            volume = hd.Image.from_dataset(first).get_volume(dtype=np.float32)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"Invalid series - multi-frame image is not a volume ({exc})") from None
+        pixels, z = _along_normal(volume)
+        spacing = volume.pixel_spacing
+        sops = [str(first.SOPInstanceUID)] * len(z)
+    else:
+        found = [classify.position_along_normal(ds) for ds in datasets]
+        if any(p is None for p in found):
+            raise ValueError("Invalid series - a slice lacks position or orientation")
+        if len({round(p, 4) for p in found if p is not None}) != len(found):
+            raise ValueError("Invalid series - repeated slice positions")
+        shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+        if len(shapes) != 1:
+            raise ValueError(f"Invalid series - slices of sizes {sorted(shapes)}")
+        try:
+            volume = hd.get_volume_from_series(datasets, dtype=np.float32)
+            pixels, z = _along_normal(volume)
+        except ValueError as exc:
+            if "regularly-spaced" not in str(exc):
+                raise ValueError(f"Invalid series - not a volume ({exc})") from None
+            pixels, z = _stack_slices(datasets)  # irregular spacing: per-slice positions
+        order = np.argsort([p for p in found if p is not None])
+        sops = [str(datasets[i].SOPInstanceUID) for i in order]
+        spacing = tuple(float(v) for v in first.PixelSpacing)
+    return SeriesVolume(pixels, np.asarray(z, dtype=np.float64),
+                        (float(spacing[0]), float(spacing[1])), str(first.Modality), classify.plane(first).value, classify.phase(first),
+                        uids.pop(), sops)
