@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("serve", cmd_serve, "run the node (SCP, indexer) until SIGTERM")
+    add("serve", cmd_serve, "run the node (SCP, indexer, completion, workers, delivery) until "
+                            "SIGTERM")
     add("check-config", cmd_check_config, "print the effective configuration or its errors")
     p = add("echo", cmd_echo, "C-ECHO a peer (name from [peers]) or HOST:PORT")
     p.add_argument("target")
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.offline import add_report_command
 
     add_report_command(sub, common)
+    from node.ops import add_pipeline_commands
+
+    add_pipeline_commands(sub, common)
     return parser
 
 
@@ -148,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -1,9 +1,10 @@
-"""The running node: receiving processes, the indexer, start-up reconciliation, shutdown.
+"""The running node: receiving processes, the indexer, completion and delivery, the workers.
 
 ``serve`` binds the port, forks ``receive_processes`` children that share the listening socket
 (each a pynetdicom server writing into the spool), then reconciles and runs the indexer in the
 parent. Children never touch the database, so ingest scales over cores without write contention;
-they die with the parent (PR_SET_PDEATHSIG) and are restarted if they die alone.
+they die with the parent (PR_SET_PDEATHSIG) and are restarted if they die alone. The parent also
+runs the scheduler (completion scan, delivery) and spawns ``[worker] processes`` model workers.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import threading
 import time
 from typing import Any
 
+from node.completion import Scheduler
 from node.config import Config
+from node.jobs import JobQueue
 from node.scp import Receiver, listen_socket, set_parent_death_signal
+from node.worker import worker_process
 from storage.files import FileStore
 from storage.index import Index
 from storage.indexer import Indexer
@@ -61,7 +65,11 @@ class Node:
         self.active: Any = None
         self.index: Index | None = None
         self.indexer: Indexer | None = None
+        self.scheduler: Scheduler | None = None
+        self.workers: list[multiprocessing.process.BaseProcess] = []
         self._ctx = multiprocessing.get_context("fork")
+        # Workers load PyTorch: a fresh interpreter, not a fork of this threaded process.
+        self._worker_ctx = multiprocessing.get_context("spawn")
 
     @property
     def port(self) -> int:
@@ -92,9 +100,20 @@ class Node:
             logger.info("Reconciling: %d received instances not yet indexed", pending)
             self.indexer.run_once()
         self.indexer.start()
-        logger.info("Listening as %r on %s:%d with %d receiving process(es); storage %s",
-                    cfg.node.ae_title, cfg.node.bind_address, self.port, self.processes,
-                    cfg.storage.root)
+        self.scheduler = Scheduler(JobQueue(self.index, cfg), cfg,
+                                   before_scan=self.indexer.run_once)
+        self.scheduler.start()
+        self.workers = [self._spawn_worker(n) for n in range(cfg.worker.processes)]
+        logger.info("Listening as %r on %s:%d with %d receiving process(es) and %d worker(s); "
+                    "storage %s", cfg.node.ae_title, cfg.node.bind_address, self.port,
+                    self.processes, len(self.workers), cfg.storage.root)
+
+    def _spawn_worker(self, n: int) -> multiprocessing.process.BaseProcess:
+        proc = self._worker_ctx.Process(
+            target=worker_process, name=f"msvlm-worker-{n}", daemon=True,
+            args=(self.config, logging.getLogger().getEffectiveLevel()))
+        proc.start()
+        return proc
 
     def _spawn(self, slot: int) -> multiprocessing.process.BaseProcess:
         assert self.sock is not None
@@ -111,6 +130,11 @@ class Node:
                 logger.error("Receiving process %d exited with %s; restarting", slot,
                              proc.exitcode)
                 self.children[slot] = self._spawn(slot)
+        for n, proc in enumerate(self.workers):
+            if not proc.is_alive():
+                logger.error("Worker process %d exited with %s; restarting (its job's lease "
+                             "expires and the job is taken over)", n, proc.exitcode)
+                self.workers[n] = self._spawn_worker(n)
 
     def stop(self) -> None:
         """Stop receiving, index what was received, close everything."""
@@ -125,6 +149,15 @@ class Node:
                 proc.kill()
         if self.sock is not None:
             self.sock.close()
+        for proc in self.workers:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.workers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self.indexer is not None:
             self.indexer.stop()
         if self.index is not None:

@@ -40,7 +40,7 @@ class SeriesRead:
     images: int
 
 
-def _statement(series: Sequence[SeriesRead]) -> str:
+def statement(series: Sequence[SeriesRead]) -> str:
     parts = [f"series {s.series_number if s.series_number is not None else '?'}"
              f" ({s.description or 'no description'}; {s.plane}, {s.phase.replace('_', ' ')}, "
              f"{s.images} images)" for s in series]
@@ -85,7 +85,7 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
         relationship_type="CONTAINS")
     procedure.ContentSequence = [hd.sr.TextContentItem(  # type: ignore[assignment]
         name=hd.sr.CodedConcept("121065", "DCM", "Procedure Description"),
-        value=_statement(series_read), relationship_type="CONTAINS")]
+        value=statement(series_read), relationship_type="CONTAINS")]
     language = hd.sr.LanguageOfContentItemAndDescendants(
         language=hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)"))
     context = hd.sr.ObservationContext(observer_device_context=device)

@@ -136,6 +136,23 @@ class FileStore:
             The write, fsync or rename failed (for example ``ENOSPC``); nothing is left behind.
         """
         target = self.incoming_path(sop_instance_uid)
+        self._write(target, parts, self._incoming_fd)
+        return target
+
+    def write_final(self, study_instance_uid: str, series_instance_uid: str,
+                    sop_instance_uid: str, data: bytes) -> Path:
+        """Write an object the node made (its SR, PDF) straight to its place under ``data/``,
+        durably; the caller indexes it. Returns the path."""
+        target = self.final_path(study_instance_uid, series_instance_uid, sop_instance_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._write(target, [data], fd)
+        finally:
+            os.close(fd)
+        return target
+
+    def _write(self, target: Path, parts: Sequence[bytes | memoryview], dir_fd: int) -> None:
         with self._lock:
             self._counter += 1
             tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{self._counter}.part"
@@ -151,19 +168,23 @@ class FileStore:
             finally:
                 os.close(fd)
             os.rename(tmp, target)
-            os.fsync(self._incoming_fd)
+            os.fsync(dir_fd)
         except BaseException:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
             raise
-        return target
 
     def promote(self, incoming: Path, final: Path) -> None:
         """Move an indexed file from ``incoming/`` to its place under ``data/``."""
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(incoming, final)
+        try:
+            os.replace(incoming, final)
+        except FileNotFoundError:
+            if not final.exists():
+                raise  # not moved by a concurrent drain either
+
 
     def quarantine(self, path: Path) -> Path:
         """Move a spooled file the indexer cannot read to ``failed/`` (kept for inspection)."""

@@ -38,15 +38,17 @@ class Indexer:
         self.batch = batch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one drain at a time (this thread or a caller's)
 
     def run_once(self) -> int:
         """Index what is spooled now; return how many files were indexed."""
         total = 0
-        while True:
-            pending = self.index.store.pending()[: self.batch]
-            if not pending:
-                return total
-            total += self.index.drain(pending)
+        with self._lock:
+            while True:
+                pending = self.index.store.pending()[: self.batch]
+                if not pending:
+                    return total
+                total += self.index.drain(pending)
 
     def _loop(self) -> None:
         # Receiving answers senders and must not wait for indexing: under load this thread

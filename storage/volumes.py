@@ -224,7 +224,7 @@ def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
             pixels, z = _stack_slices(datasets)  # irregular spacing: per-slice positions
         order = np.argsort([p for p in found if p is not None])
         sops = [str(datasets[i].SOPInstanceUID) for i in order]
-        spacing = tuple(float(v) for v in first.PixelSpacing)
+        spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
     return SeriesVolume(pixels, np.asarray(z, dtype=np.float64),
                         (float(spacing[0]), float(spacing[1])), str(first.Modality), classify.plane(first).value, classify.phase(first),
                         uids.pop(), sops)

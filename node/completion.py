@@ -1,0 +1,78 @@
+"""Completion: when a study has been quiet for ``stable_age_s`` it gets a report job.
+
+The deadline is derived from the index (the newest image's receipt time), never held only in
+memory, so restarts and several receiving processes (or nodes) agree. APScheduler runs the scan
+and the delivery retries in the serving process; neither touches the receive path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.config import Config
+from node.jobs import JobQueue
+from node.sender import Sender
+
+logger = logging.getLogger(__name__)
+
+
+def scan_interval_s(config: Config) -> float:
+    """How often the completion scan runs: a quarter of ``stable_age_s``, 0.25 s to 5 s."""
+    return min(5.0, max(0.25, config.completion.stable_age_s / 4))
+
+
+def delivery_interval_s(config: Config) -> float:
+    """How often due deliveries are sent: half the first retry delay, 0.25 s to 5 s."""
+    return min(5.0, max(0.25, config.delivery.retry_delay_s / 2))
+
+
+class Scheduler:
+    """The periodic work of a serving node: completion scan and delivery.
+
+    Parameters
+    ----------
+    queue : JobQueue
+        The index's jobs and outbox.
+    config : Config
+        ``[completion]`` and ``[delivery]`` settings and the peers.
+    before_scan : callable, optional
+        Run before each completion scan (the node indexes what is spooled, so a study is never
+        judged stable while one of its instances waits in ``incoming/``).
+    """
+
+    def __init__(self, queue: JobQueue, config: Config,
+                 before_scan: Callable[[], object] | None = None) -> None:
+        self.queue = queue
+        self.sender = Sender(queue, config)
+        self.before_scan = before_scan
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        options = dict(max_instances=1, coalesce=True, misfire_grace_time=None)
+        self.scheduler.add_job(self.scan, "interval", seconds=scan_interval_s(config),
+                               id="completion", **options)
+        self.scheduler.add_job(self.deliver, "interval", seconds=delivery_interval_s(config),
+                               id="delivery", **options)
+
+    def scan(self) -> list[int]:
+        try:
+            if self.before_scan is not None:
+                self.before_scan()
+            return self.queue.queue_stable()
+        except Exception:  # noqa: BLE001 - the next scan tries again
+            logger.exception("Completion scan failed")
+            return []
+
+    def deliver(self) -> int:
+        try:
+            return self.sender.run_once()
+        except Exception:  # noqa: BLE001 - rows keep their state; the next run tries again
+            logger.exception("Delivery run failed")
+            return 0
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)

@@ -1,0 +1,113 @@
+"""One study's headers and files -> the draft: selection, volumes, model, SR (and PDF).
+
+The node's worker and the offline ``report`` command both call :func:`draft_study`, so a study
+gets the same report whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pydicom
+
+from node.selection import Selection, SelectionRules, SeriesInfo, select_series
+from node.sr import SeriesRead, build_report_sr, statement
+from storage import classify
+
+
+class ReportError(ValueError):
+    """The study cannot be reported; the message says why (stored as the job's reason)."""
+
+
+@dataclass
+class Draft:
+    """What one model call produced, with the time each stage took."""
+
+    report: Any
+    sr: pydicom.Dataset
+    pdf: pydicom.Dataset | None
+    selection: Selection
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def series_infos(headers: Mapping[str, Sequence[pydicom.Dataset]]) -> list[SeriesInfo]:
+    """Selection's view of each series, from the headers of its instances."""
+    out = []
+    for uid, datasets in headers.items():
+        ds = datasets[0]
+        images = sum(int(d.get("NumberOfFrames", 1) or 1) for d in datasets)
+        out.append(SeriesInfo(
+            uid, str(ds.get("Modality", "")), ds.get("BodyPartExamined"),
+            classify.plane(ds).value, classify.phase(ds), images,
+            classify.is_localizer(ds), classify.image_type(ds), "Rows" in ds,
+            int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+            str(ds.get("SeriesDescription", ""))))
+    return out
+
+
+def draft_study(headers: Mapping[str, Sequence[pydicom.Dataset]],
+                paths: Mapping[str, Sequence[Path]], generator: Any, rules: SelectionRules,
+                device_uid: str, previous: Sequence[pydicom.Dataset] = (),
+                pdf: bool = False) -> Draft:
+    """Draft the report of one study.
+
+    Parameters
+    ----------
+    headers, paths : mapping
+        Series Instance UID -> the headers / files of its instances (one study).
+    generator : models.generator.ReportGenerator
+        The loaded checkpoint.
+    rules : SelectionRules
+        Which series to read.
+    device_uid : str
+        The node's device observer UID (kept in the index).
+    previous : sequence of Dataset
+        Earlier SRs of this study (referenced as Predecessor Documents).
+    pdf : bool
+        Also render an Encapsulated PDF of the report.
+
+    Raises
+    ------
+    ReportError
+        No eligible series, or an unreadable volume; the message is the stored reason.
+    """
+    from models.view import View
+    from storage.volumes import read_series
+
+    timings: dict[str, float] = {}
+    selection = select_series(series_infos(headers), rules)
+    if not selection.chosen:
+        raise ReportError(selection.reason)
+    views: list[View] = []
+    read: list[SeriesRead] = []
+    evidence: list[pydicom.Dataset] = []
+    start = time.perf_counter()
+    for s in selection.chosen:
+        try:
+            volume = read_series(paths[s.series_instance_uid])
+            views.append(View(volume.pixels, volume.z_mm, volume.pixel_spacing_mm,
+                              volume.modality, volume.plane, volume.phase,
+                              volume.series_instance_uid))
+        except ValueError as exc:
+            raise ReportError(f"series {s.series_number}: unreadable volume ({exc})") from None
+        read.append(SeriesRead(s.series_instance_uid, s.series_number, s.description, s.plane,
+                               s.phase, s.images))
+        evidence += headers[s.series_instance_uid]
+    timings["load_s"] = time.perf_counter() - start
+    report = generator.generate(views)
+    timings.update(report.timings)
+    start = time.perf_counter()
+    sr = build_report_sr(report.findings, report.impression, report.model_name,
+                         report.model_version, device_uid, evidence, read, previous=previous)
+    document = None
+    if pdf:
+        from node.pdf import build_report_pdf, render_pdf
+
+        document = build_report_pdf(sr, render_pdf(report.findings, report.impression,
+                                                   report.model_name, report.model_version,
+                                                   statement(read)))
+    timings["sr_s"] = time.perf_counter() - start
+    return Draft(report, sr, document, selection, timings)

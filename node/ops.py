@@ -1,0 +1,101 @@
+"""Operator commands for the pipeline: ``worker``, ``jobs``, ``deliveries``, ``resend``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from typing import Any
+
+from node.config import Config
+
+
+def _queue(config: Config) -> Any:
+    from node.jobs import JobQueue
+    from storage.files import FileStore
+    from storage.index import Index
+
+    return JobQueue(Index(config.storage.effective_database_url, FileStore(config.storage.root)),
+                    config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from node.cli import _config
+    from node.worker import Worker
+
+    worker = Worker(_config(args))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.cli import _config
+
+    rows = _queue(_config(args)).jobs(args.limit)
+    print(f"{'JOB':>5}  {'STATE':<8} {'TRY':>3}  {'CREATED (UTC)':<19}  {'STUDY INSTANCE UID':<64}"
+          "  RESULT")
+    for job, study_uid in rows:
+        if job.state.value == "done":
+            times = json.loads(job.timings or "{}")
+            result = f"SR {job.sr_sop_instance_uid} ({job.series_read}; " \
+                     f"{sum(times.values()):.1f} s)"
+        else:
+            result = job.error or ""
+        print(f"{job.id:>5}  {job.state.value:<8} {job.attempts:>3}  "
+              f"{job.created_at:%Y-%m-%d %H:%M:%S}  {study_uid:<64}  {result}")
+    print(f"{len(rows)} job(s)")
+    return 0
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from node.cli import _config
+    from storage.schema import DeliveryState
+
+    state = DeliveryState(args.state) if args.state else None
+    rows = _queue(_config(args)).deliveries(args.limit, state)
+    print(f"{'ID':>5} {'JOB':>5}  {'PEER':<16} {'STATE':<8} {'TRY':>3}  {'NEXT TRY (UTC)':<19}  "
+          "LAST ERROR")
+    for d in rows:
+        next_try = f"{d.next_try_at:%Y-%m-%d %H:%M:%S}" if d.state.value == "pending" else ""
+        print(f"{d.id:>5} {d.job_id:>5}  {d.peer:<16} {d.state.value:<8} {d.attempts:>3}  "
+              f"{next_try:<19}  {d.last_error or ''}")
+    print(f"{len(rows)} deliver{'y' if len(rows) == 1 else 'ies'}")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from node.cli import _config
+
+    if not (args.ids or args.job or args.dead):
+        print("msvlm-node: name delivery IDs, --job JOB or --dead")
+        return 2
+    count = _queue(_config(args)).resend(args.ids, args.job or (), args.dead)
+    print(f"Queued {count} deliver{'y' if count == 1 else 'ies'} again; the running node sends "
+          "them within seconds")
+    return 0 if count else 1
+
+
+def add_pipeline_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    def add(name: str, func: Any, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    add("worker", cmd_worker, "run one report worker in the foreground (e.g. on a GPU machine "
+                              "sharing the index and the storage)")
+    p = add("jobs", cmd_jobs, "list report jobs, newest first, with results or stored reasons")
+    p.add_argument("--limit", type=int, default=50)
+    p = add("deliveries", cmd_deliveries, "list deliveries of drafts (the outbox), newest first")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--state", choices=["pending", "sent", "dead"], default=None)
+    p = add("resend", cmd_resend, "queue deliveries again (dead letters, or any)")
+    p.add_argument("ids", nargs="*", type=int, help="delivery IDs")
+    p.add_argument("--job", type=int, action="append", help="every delivery of this job")
+    p.add_argument("--dead", action="store_true", help="every dead delivery")

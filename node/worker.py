@@ -1,0 +1,196 @@
+"""The worker: claims report jobs and runs the model, in its own process(es).
+
+``serve`` starts ``[worker] processes`` of them; ``msvlm-node worker`` runs one alone (a GPU
+machine sharing the index over PostgreSQL and the file store). A claimed job holds a lease that
+a heartbeat renews; a worker that dies loses the lease and another one takes the job over.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from node.config import Config
+from node.draft import Draft, ReportError, draft_study
+from node.jobs import JobQueue, Outcome, default_owner
+from node.selection import rules_for
+from storage.files import FileStore
+from storage.index import Index, InstanceRecord, starts_report
+from storage.schema import Instance, Job, JobState, Series
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """Runs report jobs until stopped.
+
+    Parameters
+    ----------
+    config : Config
+        The node's configuration (index, model, selection, report destinations).
+    generator : ReportGenerator, optional
+        A loaded checkpoint; default: ``[model] checkpoint`` on ``[model] device``.
+    poll_s : float
+        How often an idle worker looks for jobs.
+    """
+
+    def __init__(self, config: Config, generator: object = None, poll_s: float = 0.5) -> None:
+        from models.generator import ReportGenerator
+
+        self.config = config
+        self.poll_s = poll_s
+        self.owner = default_owner()
+        self.index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
+        self.queue = JobQueue(self.index, config)
+        if config.model.threads:
+            import torch
+
+            torch.set_num_threads(config.model.threads)
+        self.generator = generator or ReportGenerator.from_pretrained(
+            config.model.checkpoint_path, config.model.device)
+        self.rules = rules_for(config.selection, self.generator.card)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.index.close()
+
+    def run(self, stop: threading.Event) -> None:
+        """Claim and run jobs until ``stop`` is set."""
+        logger.info("Worker %s ready (%s)", self.owner,
+                    getattr(self.generator, "version", "?"))
+        while not stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # noqa: BLE001 - the index may be briefly unavailable
+                logger.exception("Worker loop error; continuing")
+                ran = False
+            if not ran:
+                stop.wait(self.poll_s)
+
+    def run_once(self) -> bool:
+        """Run one job if one is due; ``True`` when a job was run."""
+        job = self.queue.claim(self.owner)
+        if job is None:
+            return False
+        lost = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, lost), daemon=True)
+        beat.start()
+        try:
+            outcome = self.process(job)
+        except ReportError as exc:
+            self.queue.fail(job.id, self.owner, f"not reported: {exc}", permanent=True)
+        except Exception as exc:  # noqa: BLE001 - stored; retried up to max_attempts
+            logger.exception("Job %d raised", job.id)
+            self.queue.fail(job.id, self.owner, f"{type(exc).__name__}: {exc}", permanent=False)
+        else:
+            if self.queue.succeed(job.id, self.owner, outcome):
+                logger.info("Job %d done: SR %s to %s (%s)", job.id,
+                            outcome.sr_sop_instance_uid, ", ".join(outcome.peers) or "nobody",
+                            ", ".join(f"{k} {v:.2f}" for k, v in outcome.timings.items()))
+        finally:
+            lost.set()
+            beat.join()
+        return True
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        while not done.wait(self.config.worker.lease_s / 3):
+            if not self.queue.renew(job_id, self.owner):
+                logger.warning("Job %d: lease lost", job_id)
+                return
+
+    def _study_files(self, job: Job) -> tuple[dict[str, list[pydicom.Dataset]],
+                                               dict[str, list[Path]], list[str]]:
+        """Headers and paths of the study's image instances, and the addresses that sent them."""
+        root = self.index.store.root
+        headers: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+        paths: dict[str, list[Path]] = defaultdict(list)
+        senders: set[tuple[str, str]] = set()
+        with self.index.sessions() as session:
+            rows = session.execute(select(Instance, Series.series_instance_uid).join(Series)
+                                   .where(Series.study_id == job.study_id)).all()
+        for instance, series_uid in rows:
+            path = root / instance.path
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                raise ReportError(f"stored file {instance.path} unreadable ({exc})") from None
+            if not starts_report(instance.sop_class_uid, ds, self.index.device_uid):
+                continue  # SR, PDF, our own objects: never read as images
+            headers[series_uid].append(ds)
+            paths[series_uid].append(path)
+            if instance.calling_ae_title and instance.source_address:
+                senders.add((instance.calling_ae_title, instance.source_address))
+        return headers, paths, [f"{ae}@{addr}" for ae, addr in sorted(senders)]
+
+    def _previous(self, job: Job) -> list[pydicom.Dataset]:
+        with self.index.sessions() as session:
+            done = session.scalars(select(Job.sr_path).where(
+                Job.study_id == job.study_id, Job.state == JobState.DONE,
+                Job.sr_path.is_not(None), Job.id != job.id).order_by(Job.id)).all()
+        paths = [self.index.store.root / p for p in done if p]
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths if p.exists()]
+
+    def _store(self, ds: pydicom.Dataset) -> str:
+        """Store and index an object we made; its path relative to the store."""
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        final = self.index.store.write_final(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                             str(ds.SOPInstanceUID), buffer.getvalue())
+        self.index.add([InstanceRecord.from_file(final)])
+        return str(final.relative_to(self.index.store.root))
+
+    def destinations(self, senders: list[str]) -> list[str]:
+        """``[report] send_to`` plus, with ``send_back_to_sender``, the peers that sent."""
+        peers = list(self.config.report.send_to)
+        if self.config.report.send_back_to_sender:
+            for sender in senders:
+                ae, _, address = sender.partition("@")
+                peer = self.config.peer_for_store(ae, address.rsplit(":", 1)[0])
+                if peer is not None and peer.name not in peers:
+                    peers.append(peer.name)
+        return peers
+
+    def process(self, job: Job) -> Outcome:
+        """Draft one job's study and store the SR (and PDF)."""
+        start = time.perf_counter()
+        headers, paths, senders = self._study_files(job)
+        collect_s = time.perf_counter() - start
+        draft: Draft = draft_study(headers, paths, self.generator, self.rules,
+                                   self.index.device_uid, previous=self._previous(job),
+                                   pdf=self.config.report.pdf)
+        start = time.perf_counter()
+        sr_path = self._store(draft.sr)
+        pdf = (str(draft.pdf.SOPInstanceUID), self._store(draft.pdf)) if draft.pdf else None
+        timings = {"collect_s": collect_s, **draft.timings,
+                   "store_s": time.perf_counter() - start}
+        read = "; ".join(f"{s.series_number} {s.plane} {s.phase} ({s.images})"
+                         for s in draft.selection.chosen)
+        return Outcome(str(draft.sr.SOPInstanceUID), sr_path, pdf, draft.report.model_version,
+                       read, timings, self.destinations(senders))
+
+
+def worker_process(config: Config, log_level: int) -> None:
+    """Entry point of a worker process started by ``serve`` (spawned: a clean interpreter)."""
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    from node.scp import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGTERM)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = Worker(config)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
