@@ -48,6 +48,8 @@ def free_port() -> int:
 
 
 def toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -76,6 +78,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             "node": {"ae_title": "MSVLM", "bind_address": "127.0.0.1", "port": free_port(),
                      "accept_unknown_peers": True, "receive_processes": 1},
             "storage": {"root": str(tmp_path / "store"), "min_free_bytes": 0},
+            "worker": {"processes": 0},  # receive-only unless a test asks for workers
         }
         for name, table in sections.items():
             merged.setdefault(name.replace("__", "."), {}).update(table)
@@ -181,3 +184,33 @@ def copy_series(files: list[Path], dest: Path, series_suffix: str) -> list[Path]
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+def write_phantom_study(folder: Path, seed: int, phases: tuple[str, ...] = ("non_contrast",),
+                        slices: int = 24, matrix: int = 48, localizer: bool = False,
+                        study_uid: str | None = None, first_series: int = 1) -> list[Path]:
+    """Write a synthetic chest CT study (one series per phase) as DICOM; with ``localizer``, add
+    a 30-image series marked LOCALIZER (large enough that only its image type excludes it)."""
+    import pydicom
+
+    from models.phantom import generate_case
+    from storage.volumes import StudyInfo, write_ct_series
+
+    case = generate_case(seed, phases=phases, slices=slices, matrix=matrix)
+    study = StudyInfo(study_uid or f"1.2.826.0.1.3680043.10.1452.{seed}", f"PH{seed}")
+    paths: list[Path] = []
+    for n, view in enumerate(case.views, start=first_series):
+        paths += write_ct_series(folder / f"s{n}", view.pixels, view.z_mm, view.pixel_spacing_mm,
+                                 view.plane, view.phase, study, n)
+    if localizer:
+        view = case.views[0]
+        scout = write_ct_series(folder / "scout", view.pixels[:1].repeat(30, 0),
+                                [float(k) for k in range(30)], view.pixel_spacing_mm, "axial",
+                                view.phase, study, 99)
+        for path in scout:
+            ds = pydicom.dcmread(path)
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+            ds.SeriesDescription = "Topogram"
+            ds.save_as(path)
+        paths += scout
+    return paths
