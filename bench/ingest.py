@@ -110,6 +110,9 @@ class Node(Receiver):
         self.proc = subprocess.Popen([MSVLM_NODE, "serve", "-c", str(cfg), "--log-level",
                                       "WARNING"], env=ENV)
         wait_port(self.port)
+        # Deployed as is (completion scan, delivery, one model worker): the worker loads the
+        # checkpoint at start-up; measure the steady state after it.
+        time.sleep(8)
 
     def indexed(self) -> int | None:
         db = self.work / "store" / "index.sqlite"

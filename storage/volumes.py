@@ -176,6 +176,22 @@ def _stack_slices(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray]:
     return pixels, z
 
 
+def _check_stacked_along_normal(datasets: Sequence[Dataset]) -> None:
+    """Refuse slices that advance sideways (gantry tilt, shear): the volume would be skewed."""
+    iops = {tuple(round(float(v), 4) for v in ds.ImageOrientationPatient) for ds in datasets}
+    if len(iops) != 1:
+        raise ValueError("Invalid series - not a volume (slices of several orientations)")
+    iop = np.array(iops.pop())
+    normal = np.cross(iop[:3], iop[3:])
+    points = np.array(sorted((np.array(ds.ImagePositionPatient, dtype=np.float64)
+                              for ds in datasets), key=lambda p: float(p @ normal)))
+    steps = np.diff(points, axis=0)
+    sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+    if len(steps) and sideways.max() > 0.01 + 0.01 * np.abs(steps @ normal).max():
+        raise ValueError("Invalid series - not a volume (slices are not stacked along their "
+                         "normal: gantry tilt or shear)")
+
+
 def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
     """Read one series (single-frame images, or one enhanced multi-frame image) as a volume
     ordered along its normal, through highdicom's volume API (compressed syntaxes decoded by
@@ -215,6 +231,7 @@ def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
         shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
         if len(shapes) != 1:
             raise ValueError(f"Invalid series - slices of sizes {sorted(shapes)}")
+        _check_stacked_along_normal(datasets)
         try:
             volume = hd.get_volume_from_series(datasets, dtype=np.float32)
             pixels, z = _along_normal(volume)

@@ -33,11 +33,17 @@ class StoreSCP:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreSCP:
-        self.proc = subprocess.Popen(["/usr/bin/storescp", "-aet", self.ae_title, "-od",
-                                      str(self.out), str(self.port)], env=ENV,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = self.out.with_suffix(".log")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(["/usr/bin/storescp", "-v", "-aet", self.ae_title,
+                                          "-od", str(self.out), str(self.port)], env=ENV,
+                                         stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
         return self
+
+    def associations(self) -> int:
+        """Associations accepted so far (from storescp's verbose log)."""
+        return self.log.read_text(errors="replace").count("Association Acknowledged")
 
     def files(self) -> list[Path]:
         return sorted(self.out.iterdir())

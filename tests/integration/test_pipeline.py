@@ -80,6 +80,10 @@ def test_study_becomes_a_draft_sr_at_orthanc_and_storescp(tmp_path: Path, make_c
             == "application/pdf"
         (tmp_path / "from-orthanc.dcm").write_bytes(orthanc.get(f"/instances/{sr_id}/file"))
         sr = pydicom.dcmread(tmp_path / "from-orthanc.dcm")
+        (tmp_path / "pdf.dcm").write_bytes(orthanc.get(f"/instances/{pdf_id}/file"))
+        pdf = pydicom.dcmread(tmp_path / "pdf.dcm")
+        assert pdf.EncapsulatedDocument.startswith(b"%PDF-")
+        assert dciodvfy_errors(tmp_path / "pdf.dcm") == []
 
         # storescp got both objects, exactly once
         wait_for(lambda: len(scp.files()) == 2, what="2 files at storescp")

@@ -26,6 +26,8 @@ def test_example_config_is_valid_and_documented(tmp_path: Path) -> None:
     assert config.node.ae_title == "MSVLM" and config.node.port == 11112
     assert set(config.peers) == {"ct-scanner", "pacs"}
     assert config.storage.duplicate_policy is DuplicatePolicy.KEEP
+    assert config.report.send_to == ("pacs",) and config.selection.body_parts is None
+    assert config.worker.processes == 1 and config.delivery.max_retries == 10
     # every key set in the example carries a comment right above it (unit and default)
     lines = text.splitlines()
     for i, line in enumerate(lines):
@@ -66,6 +68,17 @@ def test_relative_storage_root_resolves_against_the_config_folder(tmp_path: Path
     ('[model]\ncheckpoint = "nowhere"\n', "[model] checkpoint", "not a checkpoint folder"),
     ('[model]\ndevice = "tpu"\n', "[model] device", "not auto, cpu, cuda"),
     ("[model]\nthreads = -2\n", "[model] threads", "negative"),
+    ('[report]\nsend_to = ["pacs"]\n', "[report] send_to", "'pacs' is not a configured peer"),
+    ('[report]\nsend_to = "pacs"\n', "[report] send_to", "must be of type list"),
+    ('[selection]\nplanes = ["axial", "transverse"]\n', "[selection] planes",
+     "'transverse' is not one of"),
+    ('[selection]\nphases = ["venous"]\n', "[selection] phases", "'venous' is not one of"),
+    ("[selection]\nmodalities = []\n", "[selection] modalities", "non-empty list"),
+    ("[selection]\nmin_slices = 0\n", "[selection] min_slices", "greater than zero"),
+    ("[delivery]\nretry_delay_s = 60\nmax_retry_delay_s = 10\n",
+     "[delivery] max_retry_delay_s", "less than retry_delay_s"),
+    ("[delivery]\nmax_retries = -1\n", "[delivery] max_retries", "negative"),
+    ("[worker]\ngpus = 2\n", "[worker] gpus", "unknown key"),
 ])
 def test_errors_name_file_key_and_rule(tmp_path: Path, text: str, key: str, rule: str) -> None:
     path = write(tmp_path, text) if not text.startswith("[storage]") else tmp_path / "n.toml"

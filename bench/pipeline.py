@@ -1,0 +1,124 @@
+"""Pipeline benchmark: seconds from "study stable" to the draft SR stored at the destination.
+
+Writes a 300-slice 512x512 CT phantom study (``--slices``, ``--matrix``), starts Orthanc as the
+destination PACS and ``msvlm-node serve`` with the demo checkpoint (``stable_age_s`` 2), pushes
+the study with ``TCP_NODELAY=1 /usr/bin/storescu`` and reads the stage breakdown from the index:
+scan lag (stable -> job queued), queue wait, collect, load (DICOM -> volumes), encode, generate,
+SR build, store, send (job done -> Orthanc answered Success), then checks the SR at Orthanc.
+
+    .venv/bin/python bench/pipeline.py [--slices 300] [--matrix 512] [--work /tmp/msvlm-pipe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ingest import ENV, MSVLM_NODE, ROOT, Orthanc, free_port, wait_port
+
+sys.path.insert(0, str(ROOT))
+
+TARGET_S = 30.0
+
+
+def build_study(dest: Path, slices: int, matrix: int) -> None:
+    from models.phantom import generate_case
+    from storage.volumes import StudyInfo, write_ct_series
+
+    case = generate_case(7, phases=("non_contrast",), slices=slices, matrix=matrix,
+                         force={"Lung nodule": True})
+    view = case.views[0]
+    write_ct_series(dest, view.pixels, view.z_mm, view.pixel_spacing_mm, view.plane, view.phase,
+                    StudyInfo("1.2.826.0.1.3680043.10.1452.7007", "BENCH7"))
+
+
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/msvlm-pipe"))
+    args = parser.parse_args()
+    study = args.work / f"study-{args.slices}x{args.matrix}"
+    if not study.exists():
+        print(f"writing a {args.slices}-slice {args.matrix}x{args.matrix} phantom study ...",
+              flush=True)
+        build_study(study, args.slices, args.matrix)
+    run = args.work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    orthanc = Orthanc(run / "orthanc")
+    (run / "orthanc").mkdir()
+    orthanc.start()
+    port = free_port()
+    stable_age = 2.0
+    cfg = run / "node.toml"
+    cfg.write_text(
+        f'[node]\nae_title = "MSVLM"\nbind_address = "127.0.0.1"\nport = {port}\n'
+        f'accept_unknown_peers = true\n[storage]\nroot = "{run / "store"}"\nmin_free_bytes = 0\n'
+        f"[completion]\nstable_age_s = {stable_age}\n"
+        f'[peers.pacs]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.port}\n'
+        f'[report]\nsend_to = ["pacs"]\n[model]\ncheckpoint = "demo"\ndevice = "cpu"\n'
+        f"[delivery]\nretry_delay_s = 1\n")
+    log = open(run / "serve.log", "wb")
+    node = subprocess.Popen([MSVLM_NODE, "serve", "-c", str(cfg)], env=ENV, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+        while b"ready" not in (run / "serve.log").read_bytes():
+            time.sleep(0.2)
+        push = time.perf_counter()
+        subprocess.run(["/usr/bin/storescu", "-aec", "MSVLM", "+sd", str(study), "127.0.0.1",
+                        str(port)], env=ENV, check=True)
+        print(f"pushed {args.slices} instances in {time.perf_counter() - push:.1f} s", flush=True)
+        db = run / "store" / "index.sqlite"
+        row = None
+        deadline = time.monotonic() + 600
+        while row is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with sqlite3.connect(db, timeout=30) as con:
+                row = con.execute(
+                    "select s.last_image_at, j.created_at, j.started_at, j.finished_at, "
+                    "j.timings, d.sent_at, j.state, j.error from study s join job j on "
+                    "j.study_id = s.id left join delivery d on d.job_id = j.id where "
+                    "d.state = 'sent' or j.state = 'failed'").fetchone()
+        if row is None:
+            raise RuntimeError("no SR delivered within 600 s")
+        last_image, created, started, finished, timings, sent, state, error = row
+        if state != "done":
+            raise RuntimeError(f"job failed: {error}")
+        stable = when(last_image) + timedelta(seconds=stable_age)
+        stages = {"scan lag (stable -> queued)": (when(created) - stable).total_seconds(),
+                  "queue wait": (when(started) - when(created)).total_seconds()}
+        stages.update({k.removesuffix("_s"): v for k, v in json.loads(timings).items()})
+        stages["send (to Orthanc's Success)"] = (when(sent) - when(finished)).total_seconds()
+        total = (when(sent) - stable).total_seconds()
+        with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http}/series?expand") as r:
+            srs = [s for s in json.load(r) if s["MainDicomTags"].get("Modality") == "SR"]
+        print(f"\n{args.slices} slices {args.matrix}x{args.matrix}, demo checkpoint, CPU")
+        for name, seconds in stages.items():
+            print(f"  {name:32s} {seconds:7.2f} s")
+        print(f"  {'stable -> SR stored at Orthanc':32s} {total:7.2f} s   (target <= {TARGET_S:.0f}"
+              f" s: {'met' if total <= TARGET_S else 'MISSED'}; SR series at Orthanc: "
+              f"{len(srs)})")
+        return 0 if total <= TARGET_S and srs else 1
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+        log.close()
+        orthanc.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Completion and job leases against a real SQLite index (times passed in, no sleeping)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from node.jobs import JobQueue, Outcome, utcnow
+from storage.files import FileStore
+from storage.index import Index, InstanceRecord, starts_report
+from storage.schema import Job, JobState, Study, StudyState
+from tests.conftest import write_phantom_study
+
+
+@pytest.fixture
+def setup(tmp_path: Path, make_config: Any) -> tuple[Index, JobQueue, list[Path]]:
+    config = make_config(completion={"stable_age_s": 60}, worker={"max_attempts": 2})
+    index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
+    files = write_phantom_study(tmp_path / "study", 40, slices=4, matrix=16)
+    return index, JobQueue(index, config), files
+
+
+def add(index: Index, files: list[Path]) -> None:
+    index.add([InstanceRecord.from_file(f) for f in files])
+
+
+def test_a_study_is_queued_once_when_stable(setup: Any) -> None:
+    index, queue, files = setup
+    add(index, files)
+    now = utcnow()
+    assert queue.queue_stable(now) == []  # just received
+    [job_id] = queue.queue_stable(now + timedelta(seconds=61))
+    assert queue.queue_stable(now + timedelta(seconds=120)) == []  # covered already
+    with index.sessions() as session:
+        study = session.query(Study).one()
+        assert study.state == StudyState.STABLE
+    # an image received later (its file time says when): a new job, once stable again
+    later = time.time() + 3600
+    os.utime(files[0], (later, later))
+    add(index, files[:1])
+    assert queue.queue_stable(now + timedelta(seconds=3600 + 30)) == []
+    [second] = queue.queue_stable(now + timedelta(seconds=3600 + 61))
+    assert second != job_id
+
+
+def test_objects_that_never_start_a_report(setup: Any, tmp_path: Path) -> None:
+    index, queue, files = setup
+    ds = pydicom.dcmread(files[0])
+    assert starts_report(str(ds.SOPClassUID), ds, index.device_uid)
+    ours = pydicom.Dataset()
+    ours.DeviceUID = index.device_uid
+    ds.ContributingEquipmentSequence = [ours]
+    assert not starts_report(str(ds.SOPClassUID), ds, index.device_uid)  # made by this node
+    del ds.ContributingEquipmentSequence
+    assert not starts_report("1.2.840.10008.5.1.4.1.1.88.33", ds, index.device_uid)  # SR
+    assert not starts_report("1.2.840.10008.5.1.4.1.1.104.1", ds, index.device_uid)  # PDF
+    # the device UID is created once and kept in the index
+    again = Index(index.url, index.store)
+    assert again.device_uid == index.device_uid
+
+
+def test_leases_one_claim_and_take_over_after_expiry(setup: Any) -> None:
+    index, queue, files = setup
+    add(index, files)
+    t = utcnow() + timedelta(seconds=61)
+    queue.queue_stable(t)
+    first = queue.claim("worker-a", t)
+    assert first is not None and first.attempts == 1
+    assert queue.claim("worker-b", t) is None  # leased
+    assert queue.claim("worker-b", t + timedelta(seconds=61)).id == first.id  # expired
+    assert not queue.renew(first.id, "worker-a")  # worker-a lost it
+    outcome = Outcome("1.2.3", "data/x.dcm", None, "v", "1 axial", {"encode_s": 0.1}, ["pacs"])
+    assert not queue.succeed(first.id, "worker-a", outcome)  # a stale result is dropped
+    assert queue.succeed(first.id, "worker-b", outcome)
+    [d] = queue.deliveries()
+    assert (d.peer, d.sop_instance_uid) == ("pacs", "1.2.3")
+    with index.sessions() as session:
+        assert session.query(Study).one().state == StudyState.REPORTED
+
+
+def test_transient_errors_retry_then_fail_with_the_reason(setup: Any) -> None:
+    index, queue, files = setup
+    add(index, files)
+    t = utcnow() + timedelta(seconds=61)
+    queue.queue_stable(t)
+    job = queue.claim("w", t)
+    queue.fail(job.id, "w", "OSError: disk hiccup", permanent=False)
+    assert queue.claim("w") is None  # backing off (10 s after the first failure)
+    job = queue.claim("w", utcnow() + timedelta(seconds=11))
+    assert job is not None and job.attempts == 2
+    queue.fail(job.id, "w", "OSError: disk hiccup", permanent=False)  # max_attempts = 2
+    with index.sessions() as session:
+        stored = session.get(Job, job.id)
+        assert stored.state == JobState.FAILED and stored.error == "OSError: disk hiccup"
+
+
+def test_a_worker_that_keeps_dying_fails_the_job(setup: Any) -> None:
+    index, queue, files = setup
+    add(index, files)
+    t = utcnow() + timedelta(seconds=61)
+    queue.queue_stable(t)
+    queue.claim("w", t)
+    queue.claim("w", t + timedelta(seconds=61))  # lease expired once: attempt 2
+    assert queue.claim("w", t + timedelta(seconds=200)) is None
+    [(job, _)] = queue.jobs()
+    assert job.state == JobState.FAILED and "worker lost 2 times" in job.error
