@@ -79,8 +79,8 @@ def main() -> int:
         while b"ready" not in (run / "serve.log").read_bytes():
             time.sleep(0.2)
         push = time.perf_counter()
-        subprocess.run(["/usr/bin/storescu", "-aec", "MSVLM", "+sd", str(study), "127.0.0.1",
-                        str(port)], env=ENV, check=True)
+        subprocess.run(["/usr/bin/storescu", "-aec", "MSVLM", "+sd", "127.0.0.1", str(port),
+                        str(study)], env=ENV, check=True)
         print(f"pushed {args.slices} instances in {time.perf_counter() - push:.1f} s", flush=True)
         db = run / "store" / "index.sqlite"
         row = None

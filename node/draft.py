@@ -91,8 +91,11 @@ def draft_study(headers: Mapping[str, Sequence[pydicom.Dataset]],
             views.append(View(volume.pixels, volume.z_mm, volume.pixel_spacing_mm,
                               volume.modality, volume.plane, volume.phase,
                               volume.series_instance_uid))
-        except ValueError as exc:
-            raise ReportError(f"series {s.series_number}: unreadable volume ({exc})") from None
+        except (ValueError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
+            # content problems (geometry, a missing tag, no codec for the pixel data) are
+            # permanent; OSError propagates and is retried
+            raise ReportError(f"series {s.series_number}: unreadable volume "
+                              f"({type(exc).__name__}: {exc})") from None
         read.append(SeriesRead(s.series_instance_uid, s.series_number, s.description, s.plane,
                                s.phase, s.images))
         evidence += headers[s.series_instance_uid]

@@ -170,12 +170,14 @@ def test_killed_before_stable_reports_exactly_once(tmp_path: Path, make_config: 
 
 def test_destination_down_then_up_and_a_new_series(tmp_path: Path, make_config: Any,
                                                    serve: Any) -> None:
-    scp = StoreSCP(tmp_path)  # not started: the destination is down
-    config = pipeline_config(make_config, scp)
+    # the draft goes back to the peer that sent the study (a dcmtk storescp, down for now)
+    scp = StoreSCP(tmp_path)
+    config = pipeline_config(make_config, scp,
+                             report={"send_to": [], "send_back_to_sender": True})
     serve(config)
     uid = "1.2.826.0.1.3680043.10.1452.34"
     write_phantom_study(tmp_path / "study", 34)
-    storescu(config.node.port, tmp_path / "study")
+    storescu(config.node.port, tmp_path / "study", calling=scp.ae_title)
     wait_for(lambda: finished(config, uid), what="the report job")
     [failing] = wait_for(lambda: [d for d in queue(config).deliveries() if d.attempts >= 2],
                          what="two failed delivery attempts")
@@ -188,7 +190,7 @@ def test_destination_down_then_up_and_a_new_series(tmp_path: Path, make_config: 
         first = pydicom.dcmread(scp.files()[0])
         # a new image series of the reported study: a second report that supersedes the first
         write_phantom_study(tmp_path / "more", 35, study_uid=uid, first_series=2)
-        storescu(config.node.port, tmp_path / "more")
+        storescu(config.node.port, tmp_path / "more", calling=scp.ae_title)
         jobs = wait_for(lambda: finished(config, uid, 2), what="the second report job")
         assert [j.state for j in jobs] == [JobState.DONE, JobState.DONE]
         wait_for(lambda: len(scp.files()) == 2, what="the second SR")
