@@ -210,8 +210,9 @@ class Config:
                 if f.name in ("name", "addresses"):
                     continue
                 value = getattr(section, f.name)
-                lines.append(f"# {f.name} is unset" if value is None
-                             else f"{f.name} = {_toml_value(value)}")
+                unset = f"# {f.name} is unset" + (
+                    " (the checkpoint's model card decides)" if title == "selection" else "")
+                lines.append(unset if value is None else f"{f.name} = {_toml_value(value)}")
             if title == "storage":
                 lines.append(f"# database_url in effect: {self.storage.effective_database_url}")
             if title == "node":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,11 +49,26 @@ def create_index_engine(url: str) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision."""
+    """Bring the schema to the newest Alembic revision.
+
+    Processes starting together (a node and its workers, several nodes) take turns: an advisory
+    lock on PostgreSQL, a file lock beside an SQLite database.
+    """
     cfg = AlembicConfig(str(_ALEMBIC_INI))
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    lock_fd = None
+    if database and database != ":memory:":
+        lock_fd = os.open(f"{database}.migrate-lock", os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    try:
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(7403201)"))
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def _utc(ns: int) -> datetime:

@@ -110,3 +110,36 @@ def wait_for(predicate: Any, timeout_s: float = 90.0, what: str = "condition") -
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class PostgreSQL:
+    """A throw-away PostgreSQL server from Debian's packages (``initdb`` + ``pg_ctl``), on a
+    loopback port, trust authentication; run as the ``postgres`` user when we are root."""
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+
+        pytest.importorskip("psycopg")
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            pytest.skip("PostgreSQL missing (apt-get install postgresql)")
+        self.bin = Path(found[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="msvlm-pg-"))
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self._run("initdb", "-D", str(self.dir / "data"), "-U", "msvlm", "--auth=trust")
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"),
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+        self.url = f"postgresql+psycopg://msvlm@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run([*self.prefix, str(self.bin / program), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)

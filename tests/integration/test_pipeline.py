@@ -3,6 +3,7 @@ checkpoint, and the draft SR arrives at Orthanc and at dcmtk's storescp."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from node.sr import sr_text
 from storage.files import FileStore
 from storage.index import Index
 from storage.schema import DeliveryState, JobState
-from tests.conftest import MR_TS_DIR, run_cli, samples_or_skip, write_phantom_study
+from tests.conftest import MR_TS_DIR, MSVLM_NODE, run_cli, samples_or_skip, write_phantom_study
 from tests.integration.test_report_offline import dciodvfy_errors
 from tests.peers import Orthanc, StoreSCP, storescu, wait_for
 
@@ -118,8 +119,19 @@ def test_study_becomes_a_draft_sr_at_orthanc_and_storescp(tmp_path: Path, make_c
 
 def test_sr_only_and_mr_studies_start_no_report(tmp_path: Path, make_config: Any,
                                                 serve: Any) -> None:
-    config = pipeline_config(make_config)
+    # the node receives; the model runs in a worker started on its own (as on a GPU machine)
+    config = pipeline_config(make_config, worker={"processes": 0})
     serve(config)
+    worker = subprocess.Popen([MSVLM_NODE, "worker", "-c", str(config.path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        check_sr_only_and_mr(tmp_path, config)
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0  # SIGTERM: a clean stop
+
+
+def check_sr_only_and_mr(tmp_path: Path, config: Config) -> None:
     # SR objects only (for instance our own drafts echoed back by a PACS): no job
     header = pydicom.dcmread(write_phantom_study(tmp_path / "ct", 32)[0],
                              stop_before_pixels=True)

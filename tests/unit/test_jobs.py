@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -110,3 +111,32 @@ def test_a_worker_that_keeps_dying_fails_the_job(setup: Any) -> None:
     assert queue.claim("w", t + timedelta(seconds=200)) is None
     [(job, _)] = queue.jobs()
     assert job.state == JobState.FAILED and "worker lost 2 times" in job.error
+
+
+def test_concurrent_workers_claim_each_job_once(tmp_path: Path, make_config: Any) -> None:
+    config = make_config(completion={"stable_age_s": 1})
+    index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
+    for seed in range(6):
+        add(index, write_phantom_study(tmp_path / f"st{seed}", 60 + seed, slices=2, matrix=16))
+    t = utcnow() + timedelta(seconds=30)
+    expected = sorted(JobQueue(index, config).queue_stable(t))
+    assert len(expected) == 6
+    claimed: list[tuple[str, int]] = []
+
+    # one engine each, like separate worker processes (opened first: migrating is per process)
+    queues = {f"w{n}": JobQueue(Index(index.url, index.store), config) for n in range(4)}
+
+    def work(owner: str) -> None:
+        own = queues[owner]
+        while (job := own.claim(owner, t)) is not None:
+            claimed.append((owner, job.id))
+            time.sleep(0.01)
+            own.succeed(job.id, owner, Outcome("1.2", "x", None, "v", "", {}, []))
+
+    threads = [threading.Thread(target=work, args=(owner,)) for owner in queues]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(job_id for _, job_id in claimed) == expected
+    assert all(job.state == JobState.DONE for job, _ in JobQueue(index, config).jobs())
