@@ -182,6 +182,16 @@ class JobQueue:
                 query = query.where(Delivery.state == state)
             return list(session.scalars(query).all())
 
+    def requeue(self, job_ids: Sequence[int]) -> int:
+        """Run failed jobs again (after a fix of the configuration or the data); how many."""
+        now = utcnow()
+        with self.index.sessions.begin() as session:
+            got = session.execute(update(Job).where(Job.id.in_(job_ids),
+                                                    Job.state == JobState.FAILED).values(
+                state=JobState.QUEUED, attempts=0, not_before=now, error=None,
+                lease_owner=None, lease_until=None, finished_at=None))
+            return int(got.rowcount)  # type: ignore[attr-defined]
+
     def resend(self, delivery_ids: Sequence[int] = (), job_ids: Sequence[int] = (),
                dead: bool = False) -> int:
         """Queue deliveries again now (attempts reset); return how many."""

@@ -1,4 +1,5 @@
-"""Operator commands for the pipeline: ``worker``, ``jobs``, ``deliveries``, ``resend``."""
+"""Operator commands for the pipeline: ``worker``, ``jobs``, ``requeue``, ``deliveries``,
+``resend``."""
 
 from __future__ import annotations
 
@@ -82,6 +83,15 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return 0 if count else 1
 
 
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from node.cli import _config
+
+    count = _queue(_config(args)).requeue(args.ids)
+    print(f"Queued {count} failed job(s) again; the running node's workers take them within "
+          "seconds")
+    return 0 if count == len(set(args.ids)) else 1
+
+
 def add_pipeline_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     def add(name: str, func: Any, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -92,6 +102,9 @@ def add_pipeline_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                               "sharing the index and the storage)")
     p = add("jobs", cmd_jobs, "list report jobs, newest first, with results or stored reasons")
     p.add_argument("--limit", type=int, default=50)
+    p = add("requeue", cmd_requeue, "run failed report jobs again (e.g. after a configuration "
+                                    "fix)")
+    p.add_argument("ids", nargs="+", type=int, help="job IDs")
     p = add("deliveries", cmd_deliveries, "list deliveries of drafts (the outbox), newest first")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--state", choices=["pending", "sent", "dead"], default=None)

@@ -16,7 +16,7 @@ from storage.schema import Delivery, DeliveryState
 
 logger = logging.getLogger(__name__)
 
-CLAIM_S = 600.0
+CLAIM_S = 120.0
 """How long a batch being sent is hidden from other senders (a crash mid-send retries after)."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,14 @@ def setup(tmp_path: Path, make_config: Any) -> tuple[Index, JobQueue, list[Path]
 
 def add(index: Index, files: list[Path]) -> None:
     index.add([InstanceRecord.from_file(f) for f in files])
+
+
+def queued(index: Index, queue: JobQueue, files: list[Path]) -> datetime:
+    """Index the study and queue its job as of a time past ``stable_age_s``; that time."""
+    add(index, files)
+    t = utcnow() + timedelta(seconds=61)
+    assert len(queue.queue_stable(t)) == 1
+    return t
 
 
 def test_a_study_is_queued_once_when_stable(setup: Any) -> None:
@@ -68,9 +76,7 @@ def test_objects_that_never_start_a_report(setup: Any, tmp_path: Path) -> None:
 
 def test_leases_one_claim_and_take_over_after_expiry(setup: Any) -> None:
     index, queue, files = setup
-    add(index, files)
-    t = utcnow() + timedelta(seconds=61)
-    queue.queue_stable(t)
+    t = queued(index, queue, files)
     first = queue.claim("worker-a", t)
     assert first is not None and first.attempts == 1
     assert queue.claim("worker-b", t) is None  # leased
@@ -87,9 +93,7 @@ def test_leases_one_claim_and_take_over_after_expiry(setup: Any) -> None:
 
 def test_transient_errors_retry_then_fail_with_the_reason(setup: Any) -> None:
     index, queue, files = setup
-    add(index, files)
-    t = utcnow() + timedelta(seconds=61)
-    queue.queue_stable(t)
+    t = queued(index, queue, files)
     job = queue.claim("w", t)
     queue.fail(job.id, "w", "OSError: disk hiccup", permanent=False)
     assert queue.claim("w") is None  # backing off (10 s after the first failure)
@@ -99,13 +103,15 @@ def test_transient_errors_retry_then_fail_with_the_reason(setup: Any) -> None:
     with index.sessions() as session:
         stored = session.get(Job, job.id)
         assert stored.state == JobState.FAILED and stored.error == "OSError: disk hiccup"
+    # the operator fixed the cause: `msvlm-node requeue JOB`
+    assert queue.requeue([job.id]) == 1 and queue.requeue([job.id]) == 0
+    again = queue.claim("w")
+    assert again is not None and again.id == job.id and again.attempts == 1
 
 
 def test_a_worker_that_keeps_dying_fails_the_job(setup: Any) -> None:
     index, queue, files = setup
-    add(index, files)
-    t = utcnow() + timedelta(seconds=61)
-    queue.queue_stable(t)
+    t = queued(index, queue, files)
     queue.claim("w", t)
     queue.claim("w", t + timedelta(seconds=61))  # lease expired once: attempt 2
     assert queue.claim("w", t + timedelta(seconds=200)) is None

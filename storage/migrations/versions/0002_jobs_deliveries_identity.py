@@ -1,5 +1,8 @@
 """jobs deliveries identity
 
+Studies indexed before this revision have no ``last_image_at``: upgrading does not report the
+whole archive at once (a new image of such a study does start a report).
+
 Revision ID: 0002
 Revises: 0001
 """
