@@ -9,7 +9,6 @@ builds from them. Reading goes through highdicom's volume API.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -82,7 +81,6 @@ def write_ct_series(folder: str | Path, pixels_hu: np.ndarray, z_mm: Sequence[fl
     description = {"non_contrast": "CHEST NON-CONTRAST", "arterial": "CHEST CTA ARTERIAL",
                    "portal_venous": "CHEST PORTAL VENOUS", "delayed": "CHEST DELAYED"}.get(
                        phase, "CHEST")
-    now = datetime.now()
     paths = []
     for k in range(S):
         centre = normal * float(z_mm[k])
