@@ -27,6 +27,7 @@ def render_pdf(findings: str, impression: str, model_name: str, model_version: s
                statement: str) -> bytes:
     """The report as a one-page (or longer) PDF document."""
     pdf = FPDF(format="A4")
+    pdf.set_compression(False)  # a few kB; the text stays searchable by archives and tests
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
     pdf.set_font("Helvetica", "B", 14)

@@ -239,7 +239,8 @@ class Index:
                 if starts_report(rec.sop_class_uid, ds, self.device_uid):
                     study.last_image_at = max(study.last_image_at or rec.received_at,
                                               rec.received_at)
-                    study.state = StudyState.RECEIVING
+                    if study.queued_through is None or rec.received_at > study.queued_through:
+                        study.state = StudyState.RECEIVING  # (a reindex changes nothing)
                 series = series_by_uid.get(rec.series_instance_uid)
                 if series is None:
                     series = Series(study=study, series_instance_uid=rec.series_instance_uid,

@@ -84,6 +84,9 @@ def test_study_becomes_a_draft_sr_at_orthanc_and_storescp(tmp_path: Path, make_c
         (tmp_path / "pdf.dcm").write_bytes(orthanc.get(f"/instances/{pdf_id}/file"))
         pdf = pydicom.dcmread(tmp_path / "pdf.dcm")
         assert pdf.EncapsulatedDocument.startswith(b"%PDF-")
+        findings, impression = sr_text(sr)  # the PDF carries the same report
+        for text in (findings, impression):
+            assert " ".join(text.split()[:3]).encode("latin-1") in pdf.EncapsulatedDocument
         assert dciodvfy_errors(tmp_path / "pdf.dcm") == []
 
         # storescp got both objects, exactly once
@@ -106,7 +109,6 @@ def test_study_becomes_a_draft_sr_at_orthanc_and_storescp(tmp_path: Path, make_c
         offline = run_cli("report", str(study), "--out", str(tmp_path / "offline"), "-c",
                           str(config.path))
         assert offline.returncode == 0, offline.stderr
-        findings, impression = sr_text(sr)
         assert f"Findings: {findings}\nImpression: {impression}" in offline.stdout
 
         listing = run_cli("jobs", "-c", str(config.path))
