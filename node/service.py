@@ -29,6 +29,9 @@ from storage.indexer import Indexer
 
 logger = logging.getLogger(__name__)
 
+WORKER_RESTART_S = 60.0
+"""Least time between two starts of one worker process."""
+
 
 def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int) -> None:
     set_parent_death_signal(signal.SIGKILL)
@@ -67,6 +70,7 @@ class Node:
         self.indexer: Indexer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[multiprocessing.process.BaseProcess] = []
+        self._worker_started: dict[int, float] = {}
         self._ctx = multiprocessing.get_context("fork")
         # Workers load PyTorch: a fresh interpreter, not a fork of this threaded process.
         self._worker_ctx = multiprocessing.get_context("spawn")
@@ -109,6 +113,7 @@ class Node:
                     self.processes, len(self.workers), cfg.storage.root)
 
     def _spawn_worker(self, n: int) -> multiprocessing.process.BaseProcess:
+        self._worker_started[n] = time.monotonic()
         proc = self._worker_ctx.Process(
             target=worker_process, name=f"msvlm-worker-{n}", daemon=True,
             args=(self.config, logging.getLogger().getEffectiveLevel()))
@@ -124,17 +129,22 @@ class Node:
         return proc
 
     def supervise(self) -> None:
-        """Restart receiving processes that died on their own."""
+        """Restart receiving and worker processes that died on their own."""
         for slot, proc in enumerate(self.children):
             if not proc.is_alive():
                 logger.error("Receiving process %d exited with %s; restarting", slot,
                              proc.exitcode)
                 self.children[slot] = self._spawn(slot)
         for n, proc in enumerate(self.workers):
-            if not proc.is_alive():
-                logger.error("Worker process %d exited with %s; restarting (its job's lease "
-                             "expires and the job is taken over)", n, proc.exitcode)
-                self.workers[n] = self._spawn_worker(n)
+            if proc.is_alive():
+                continue
+            # a worker that cannot start (say, out of memory loading the model) is restarted
+            # at most once a minute; receiving goes on meanwhile
+            if time.monotonic() - self._worker_started.get(n, 0.0) < WORKER_RESTART_S:
+                continue
+            logger.error("Worker process %d exited with %s; restarting (its job's lease "
+                         "expires and the job is taken over)", n, proc.exitcode)
+            self.workers[n] = self._spawn_worker(n)
 
     def stop(self) -> None:
         """Stop receiving, index what was received, close everything."""
