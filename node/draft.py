@@ -48,16 +48,18 @@ def series_infos(headers: Mapping[str, Sequence[pydicom.Dataset]]) -> list[Serie
     return out
 
 
-def draft_study(headers: Mapping[str, Sequence[pydicom.Dataset]],
-                paths: Mapping[str, Sequence[Path]], generator: Any, rules: SelectionRules,
+def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]],
+                generator: Any, rules: SelectionRules,
                 device_uid: str, previous: Sequence[pydicom.Dataset] = (),
                 pdf: bool = False) -> Draft:
     """Draft the report of one study.
 
     Parameters
     ----------
-    headers, paths : mapping
-        Series Instance UID -> the headers / files of its instances (one study).
+    series : sequence of SeriesInfo
+        The study's series (from the index, or from headers in offline mode).
+    paths : mapping
+        Series Instance UID -> the image files of that series (read only when selected).
     generator : models.generator.ReportGenerator
         The loaded checkpoint.
     rules : SelectionRules
@@ -78,7 +80,7 @@ def draft_study(headers: Mapping[str, Sequence[pydicom.Dataset]],
     from storage.volumes import read_series
 
     timings: dict[str, float] = {}
-    selection = select_series(series_infos(headers), rules)
+    selection = select_series(series, rules)
     if not selection.chosen:
         raise ReportError(selection.reason)
     views: list[View] = []
@@ -91,14 +93,15 @@ def draft_study(headers: Mapping[str, Sequence[pydicom.Dataset]],
             views.append(View(volume.pixels, volume.z_mm, volume.pixel_spacing_mm,
                               volume.modality, volume.plane, volume.phase,
                               volume.series_instance_uid))
-        except (ValueError, KeyError, AttributeError, NotImplementedError, RuntimeError) as exc:
+        except (ValueError, KeyError, AttributeError, NotImplementedError, RuntimeError,
+                pydicom.errors.InvalidDicomError) as exc:
             # content problems (geometry, a missing tag, no codec for the pixel data) are
             # permanent; OSError propagates and is retried
             raise ReportError(f"series {s.series_number}: unreadable volume "
                               f"({type(exc).__name__}: {exc})") from None
         read.append(SeriesRead(s.series_instance_uid, s.series_number, s.description, s.plane,
                                s.phase, s.images))
-        evidence += headers[s.series_instance_uid]
+        evidence += volume.headers
     timings["load_s"] = time.perf_counter() - start
     report = generator.generate(views)
     timings.update(report.timings)

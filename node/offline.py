@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import pydicom
 
 from node.config import Config
-from node.draft import Draft, ReportError, draft_study
+from node.draft import Draft, ReportError, draft_study, series_infos
 from node.selection import rules_for
 from node.sr import sr_text
 from storage.files import FileStore
@@ -64,7 +64,8 @@ def report_study(files: Sequence[Path], config: Config, generator: Any = None,
         index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
         device_uid = index.device_uid
         index.close()
-    return draft_study(headers, paths, generator, rules_for(config.selection, generator.card),
+    return draft_study(series_infos(headers), paths, generator,
+                       rules_for(config.selection, generator.card),
                        device_uid, pdf=config.report.pdf)
 
 

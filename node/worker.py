@@ -21,9 +21,9 @@ from sqlalchemy import select
 from node.config import Config
 from node.draft import Draft, ReportError, draft_study
 from node.jobs import JobQueue, Outcome, default_owner
-from node.selection import rules_for
+from node.selection import SeriesInfo, rules_for
 from storage.files import FileStore
-from storage.index import Index, InstanceRecord, starts_report
+from storage.index import NON_REPORTABLE_SOP_PREFIXES, Index, InstanceRecord
 from storage.schema import Instance, Job, JobState, Series
 
 logger = logging.getLogger(__name__)
@@ -105,29 +105,32 @@ class Worker:
                 logger.warning("Job %d: lease lost", job_id)
                 return
 
-    def _study_files(self, job: Job) -> tuple[dict[str, list[pydicom.Dataset]],
-                                               dict[str, list[Path]], list[str]]:
-        """Headers and paths of the study's image instances, and the addresses that sent them."""
+    def _study_series(self, job: Job) -> tuple[list[SeriesInfo], dict[str, list[Path]],
+                                                list[str]]:
+        """The study's series as the index classified them at ingest, the files of their image
+        instances (SR, PDF and other non-images left out), and the peers that sent them."""
         root = self.index.store.root
-        headers: dict[str, list[pydicom.Dataset]] = defaultdict(list)
         paths: dict[str, list[Path]] = defaultdict(list)
+        images: dict[str, int] = defaultdict(int)
         senders: set[tuple[str, str]] = set()
         with self.index.sessions() as session:
+            series = session.scalars(select(Series).where(Series.study_id == job.study_id)).all()
             rows = session.execute(select(Instance, Series.series_instance_uid).join(Series)
                                    .where(Series.study_id == job.study_id)).all()
         for instance, series_uid in rows:
-            path = root / instance.path
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-            except (OSError, pydicom.errors.InvalidDicomError) as exc:
-                raise ReportError(f"stored file {instance.path} unreadable ({exc})") from None
-            if not starts_report(instance.sop_class_uid, ds, self.index.device_uid):
-                continue  # SR, PDF, our own objects: never read as images
-            headers[series_uid].append(ds)
-            paths[series_uid].append(path)
+            if instance.rows is None or instance.sop_class_uid.startswith(
+                    NON_REPORTABLE_SOP_PREFIXES):
+                continue
+            paths[series_uid].append(root / instance.path)
+            images[series_uid] += instance.number_of_frames or 1
             if instance.calling_ae_title and instance.source_address:
                 senders.add((instance.calling_ae_title, instance.source_address))
-        return headers, paths, [f"{ae}@{addr}" for ae, addr in sorted(senders)]
+        infos = [SeriesInfo(s.series_instance_uid, s.modality or "", s.body_part, s.plane,
+                            s.phase, images[s.series_instance_uid], s.is_localizer,
+                            s.image_type.split("\\") if s.image_type else (),
+                            s.series_instance_uid in paths, s.series_number,
+                            s.series_description or "") for s in series]
+        return infos, paths, [f"{ae}@{addr}" for ae, addr in sorted(senders)]
 
     def _previous(self, job: Job) -> list[pydicom.Dataset]:
         with self.index.sessions() as session:
@@ -160,9 +163,9 @@ class Worker:
     def process(self, job: Job) -> Outcome:
         """Draft one job's study and store the SR (and PDF)."""
         start = time.perf_counter()
-        headers, paths, senders = self._study_files(job)
+        series, paths, senders = self._study_series(job)
         collect_s = time.perf_counter() - start
-        draft: Draft = draft_study(headers, paths, self.generator, self.rules,
+        draft: Draft = draft_study(series, paths, self.generator, self.rules,
                                    self.index.device_uid, previous=self._previous(job),
                                    pdf=self.config.report.pdf)
         start = time.perf_counter()

@@ -40,7 +40,8 @@ class SeriesVolume:
     plane: str
     phase: str
     series_instance_uid: str
-    sop_instance_uids: list[str]
+    headers: list[Dataset]
+    """The instances read, in slice order, without their pixel data (evidence for the SR)."""
 
 
 @dataclass(frozen=True)
@@ -163,14 +164,12 @@ def _along_normal(volume: hd.Volume) -> tuple[np.ndarray, np.ndarray]:
     return pixels, z
 
 
-def _stack_slices(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray]:
-    """Slices at irregular positions (a gap, varying thickness): each keeps its own ``z_mm``
-    (the Z-former reads positions, so no resampling is needed)."""
-    positions = [classify.position_along_normal(ds) for ds in datasets]
-    order = np.argsort([p for p in positions if p is not None])
-    z = np.array([positions[i] for i in order], dtype=np.float64)
-    pixels = np.stack([np.asarray(apply_modality_lut(datasets[i].pixel_array, datasets[i]),
-                                  dtype=np.float32) for i in order])
+def _stack_slices(ordered: Sequence[Dataset],
+                  z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slices at irregular positions (a gap, varying thickness), already in order: each keeps
+    its own ``z_mm`` (the Z-former reads positions, so no resampling is needed)."""
+    pixels = np.stack([np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+                       for ds in ordered])
     return pixels, z
 
 
@@ -219,13 +218,16 @@ def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
             raise ValueError(f"Invalid series - multi-frame image is not a volume ({exc})") from None
         pixels, z = _along_normal(volume)
         spacing = volume.pixel_spacing
-        sops = [str(first.SOPInstanceUID)] * len(z)
+        ordered = datasets
     else:
         found = [classify.position_along_normal(ds) for ds in datasets]
         if any(p is None for p in found):
             raise ValueError("Invalid series - a slice lacks position or orientation")
-        if len({round(p, 4) for p in found if p is not None}) != len(found):
+        positions = np.array(found, dtype=np.float64)
+        if len(np.unique(positions.round(4))) != len(positions):
             raise ValueError("Invalid series - repeated slice positions")
+        order = np.argsort(positions)
+        ordered = [datasets[i] for i in order]
         shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
         if len(shapes) != 1:
             raise ValueError(f"Invalid series - slices of sizes {sorted(shapes)}")
@@ -236,10 +238,12 @@ def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
         except ValueError as exc:
             if "regularly-spaced" not in str(exc):
                 raise ValueError(f"Invalid series - not a volume ({exc})") from None
-            pixels, z = _stack_slices(datasets)  # irregular spacing: per-slice positions
-        order = np.argsort([p for p in found if p is not None])
-        sops = [str(datasets[i].SOPInstanceUID) for i in order]
+            pixels, z = _stack_slices(ordered, positions[order])  # irregular spacing
         spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+    for ds in ordered:  # the volume holds the pixels now; keep light headers only
+        if "PixelData" in ds:
+            del ds.PixelData
     return SeriesVolume(pixels, np.asarray(z, dtype=np.float64),
-                        (float(spacing[0]), float(spacing[1])), str(first.Modality), classify.plane(first).value, classify.phase(first),
-                        uids.pop(), sops)
+                        (float(spacing[0]), float(spacing[1])), str(first.Modality),
+                        classify.plane(first).value, classify.phase(first), uids.pop(),
+                        list(ordered))
