@@ -234,6 +234,7 @@ class Index:
                                   last_received_at=rec.received_at)
                     session.add(study)
                     studies[rec.study_instance_uid] = study
+                image_type = "\\".join(classify.image_type(ds))[:128] or None
                 study.first_received_at = min(study.first_received_at, rec.received_at)
                 study.last_received_at = max(study.last_received_at, rec.received_at)
                 if starts_report(rec.sop_class_uid, ds, self.device_uid):
@@ -248,7 +249,7 @@ class Index:
                                     body_part=_str(ds, "BodyPartExamined", 64),
                                     series_number=_int(ds, "SeriesNumber"),
                                     series_description=_str(ds, "SeriesDescription", 128),
-                                    image_type="\\".join(classify.image_type(ds))[:128] or None,
+                                    image_type=image_type,
                                     plane=classify.plane(ds).value,
                                     phase=classify.phase(ds),
                                     is_localizer=classify.is_localizer(ds),
@@ -273,7 +274,7 @@ class Index:
                     columns=_int(ds, "Columns"),
                     number_of_frames=_int(ds, "NumberOfFrames"),
                     position_mm=classify.position_along_normal(ds),
-                    image_type="\\".join(classify.image_type(ds))[:128] or None,
+                    image_type=image_type,
                 )
                 instance = instances.get(rec.sop_instance_uid)
                 if instance is None:
