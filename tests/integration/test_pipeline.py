@@ -40,6 +40,10 @@ def finished(config: Config, study_uid: str, count: int = 1) -> list[Any]:
     return jobs if len(ended) >= count else []
 
 
+def sent_count(config: Config) -> int:
+    return sum(d.state == DeliveryState.SENT for d in queue(config).deliveries())
+
+
 def pipeline_config(make_config: Callable[..., Config], *peers: Any, **sections: Any) -> Config:
     tables = {f"peers__{p.ae_title.lower()}": {"ae_title": p.ae_title, "host": "127.0.0.1",
                                                 "port": p.port} for p in peers}
@@ -101,6 +105,8 @@ def test_study_becomes_a_draft_sr_at_orthanc_and_storescp(tmp_path: Path, make_c
         axial = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files
                  if f.parent.name == "s1"}
         assert referenced == axial  # every axial instance, no localizer
+        wait_for(lambda: sent_count(config) >= 4,
+                 what="4 deliveries recorded as sent")  # peers store before the node records
         deliveries = queue(config).deliveries()
         assert sorted((d.peer, d.state) for d in deliveries) == sorted(
             [("orthanc", DeliveryState.SENT)] * 2 + [("storescp", DeliveryState.SENT)] * 2)

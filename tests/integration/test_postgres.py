@@ -14,7 +14,7 @@ import pytest
 
 from storage.schema import DeliveryState, JobState
 from tests.conftest import MSVLM_NODE, write_phantom_study
-from tests.integration.test_pipeline import pipeline_config, queue
+from tests.integration.test_pipeline import pipeline_config, queue, sent_count
 from tests.peers import PostgreSQL, StoreSCP, storescu, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,6 +43,8 @@ def test_several_workers_share_one_postgresql_index(tmp_path: Path, make_config:
         wait_for(lambda: len(scp.files()) == 4, what="4 SRs at storescp")
         assert Counter(str(pydicom.dcmread(f).StudyInstanceUID) for f in scp.files()) == \
             Counter(studies)
+        wait_for(lambda: sent_count(config) >= 4,
+                 what="4 deliveries recorded as sent")  # peers store before the node records
         assert {d.state for d in queue(config).deliveries()} == {DeliveryState.SENT}
     finally:
         if worker is not None:
