@@ -139,6 +139,24 @@ def evaluate_reports(pairs: Sequence[ReportPair], labeler: Labeler | None = None
     return out
 
 
+def agreement(reports: Sequence[Any], labeler: Labeler | None = None) -> dict[str, float]:
+    """How well each draft's text follows its own finding head: the labeler's reading of the
+    text against the head's decisions, per (study, label) and per study (all labels agree)."""
+    labeler = labeler or RuleLabeler()
+    pairs = total = whole = 0
+    for report in reports:
+        if not report.structured:
+            continue
+        read = binary(labeler.label(f"{report.findings}\n{report.impression}"))
+        same = [int(read.get(f.label, 0) == int(f.present)) for f in report.structured]
+        pairs += sum(same)
+        total += len(same)
+        whole += int(all(same))
+    n = sum(1 for r in reports if r.structured)
+    return {"report_head_agreement": pairs / total if total else 0.0,
+            "report_head_agreement_studies": whole / n if n else 0.0}
+
+
 def markdown_table(metrics: dict[str, Any], title: str = "Evaluation") -> str:
     """The headline numbers and per-label F1 as Markdown."""
     keys = ["n_studies", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",

@@ -12,8 +12,9 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.findings import key_slices
 from models.msvlm import MSVLM, EncodedView, MSVLMConfig
-from models.report import Report, load_tokenizer, parse_report, special_ids
+from models.report import Finding, Report, load_tokenizer, parse_report, special_ids
 from models.view import View
 
 WEIGHTS = "model.safetensors"
@@ -145,9 +146,21 @@ class ReportGenerator:
                 n = view.embeddings.shape[0]
                 per_view.append(relevance[0, offset:offset + n].tolist())
                 offset += n
+        structured: list[Finding] = []
+        found, states = self.model.last_findings, self.model.last_states
+        if found is not None and states is not None:
+            lengths = [view.embeddings.shape[0] for view in encoded]
+            probs = found.logits[0].sigmoid()
+            for i, label in enumerate(self.model.config.labels):
+                present = bool(states[0, i])
+                keys = key_slices(found.attention[0, i], lengths,
+                                  self.model.config.key_slices) if present else []
+                structured.append(Finding(label, float(probs[i]), present,
+                                          [(v, s) for v, s, _ in keys]))
         times = dict(timings or {})
         times["generate_s"] = time.perf_counter() - start
-        return Report(findings, impression, self.name, self.version, times, per_view)
+        return Report(findings, impression, self.name, self.version, times, per_view,
+                      structured)
 
     def generate(self, views: Sequence[View], max_new_tokens: int | None = None) -> Report:
         """Encode every view and write the report."""

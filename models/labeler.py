@@ -134,3 +134,18 @@ def make_labeler(path: str | Path | None = None) -> Labeler:
 def binary(labels: dict[str, int], uncertain_as: int = POSITIVE) -> dict[str, int]:
     """0/1 labels, uncertain mapped to ``uncertain_as``."""
     return {k: (uncertain_as if v == UNCERTAIN else int(v == POSITIVE)) for k, v in labels.items()}
+
+
+def stated_side(text: str, label: str) -> str | None:
+    """``"right"`` or ``"left"`` when the first non-negated sentence that mentions ``label``
+    names exactly one side (the laterality the draft states), else None."""
+    patterns = [re.compile(p, re.I) for p in PATTERNS.get(label, [])]
+    for sentence in _SENTENCE.split(text):
+        if not any(p.search(sentence) for p in patterns):
+            continue
+        if RuleLabeler().label(sentence).get(label) != POSITIVE:
+            continue
+        sides = set(re.findall(r"\b(right|left)\b", sentence, re.I))
+        if len(sides) == 1:
+            return sides.pop().lower()
+    return None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.findings import FindingHead, FindingOutput, decisions
 from models.view import MODALITIES, PHASES, PLANES, View
 
 
@@ -27,9 +28,11 @@ class MSVLMConfig:
     ct_windows: list[list[float]] = field(default_factory=lambda: [[-600.0, 1500.0],
                                                                    [40.0, 400.0],
                                                                    [400.0, 1800.0]])
-    # vision tower (a transformers ViTModel built from these, or loaded from vision_path);
-    # encoder "patch3d" is the 3D sub-volume baseline (models/baseline.py) with the same sizes
+    # vision tower: "slice" a transformers ViTModel built from these (or loaded from
+    # vision_path); "cnn" a convolutional slice encoder (models/cnn.py) keeping small spots by
+    # max pooling; "patch3d" the 3D sub-volume baseline (models/baseline.py) with the same sizes
     encoder: str = "slice"
+    cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
     vision_path: str | None = None
@@ -55,6 +58,15 @@ class MSVLMConfig:
     num_queries: int = 32
     resampler_layers: int = 1
     resampler_heads: int = 2
+    # finding head (models/findings.py): one query per label over the Z-former tokens; an empty
+    # list means no head. Thresholds are tuned on the validation split and stored here.
+    labels: list[str] = field(default_factory=list)
+    head_heads: int = 4
+    finding_thresholds: list[float] = field(default_factory=list)
+    key_slices: int = 3
+    # the language model reads the head's decisions as label tokens (PromptMRG-style); False is
+    # the paper's "report only" path
+    condition_on_findings: bool = True
     # language model (a Llama built from lm_config, or any causal LM loaded from lm_path)
     lm_path: str | None = None
     lm_config: dict[str, Any] = field(default_factory=lambda: {
@@ -190,12 +202,18 @@ class ZFormer(nn.Module):
         super().__init__()
         D = config.z_hidden
         self.config = config
+        # the slice embeddings are standardised first (they can be nearly constant across
+        # slices), and the position/plane/phase embeddings start small so they do not swamp them
+        self.input_norm = nn.LayerNorm(vision_dim)
         self.input = nn.Linear(vision_dim, D)
         self.z_proj = nn.Linear(D, D)
+        nn.init.normal_(self.z_proj.weight, std=0.02)
         self.plane = nn.Embedding(len(PLANES), D)
         self.phase = nn.Embedding(len(PHASES), D)
         self.modality = nn.Embedding(len(MODALITIES), D)
         self.view = nn.Embedding(config.max_views, D)
+        for table in (self.plane, self.phase, self.modality, self.view):
+            nn.init.normal_(table.weight, std=0.02)
         self.globals = nn.Parameter(torch.randn(config.z_global_tokens, D) * 0.02)
         self.mask_token = nn.Parameter(torch.zeros(vision_dim))
         self.blocks = nn.ModuleList(Block(D, config.z_heads, config.z_mlp)
@@ -222,7 +240,8 @@ class ZFormer(nn.Module):
                 valid: torch.Tensor) -> torch.Tensor:
         """``emb (B, L, Dv)``, ``meta (B, L, 4)`` long (plane, phase, modality, view),
         ``z_mm (B, L)``, ``valid (B, L)`` -> ``(B, G+L, D)``."""
-        x = self.input(emb) + self.z_proj(z_encoding(z_mm, self.config.z_hidden))
+        x = self.input(self.input_norm(emb)) + self.z_proj(z_encoding(z_mm,
+                                                                      self.config.z_hidden))
         x = x + self.plane(meta[..., 0]) + self.phase(meta[..., 1])
         x = x + self.modality(meta[..., 2]) + self.view(meta[..., 3])  # (B, L, D)
         B = x.shape[0]
@@ -310,9 +329,14 @@ class MSVLM(nn.Module):
                                    config.patch3d_patch_depth, len(config.ct_windows),
                                    config.vision_hidden, config.vision_layers,
                                    config.vision_heads, config.vision_mlp)
+        elif tower is None and config.encoder == "cnn":
+            from models.cnn import ConvSliceEncoder
+
+            tower = ConvSliceEncoder(len(config.ct_windows), config.cnn_channels,
+                                     config.vision_hidden)
         elif tower is None:
             if config.encoder != "slice":
-                raise ValueError(f"Invalid 'encoder' {config.encoder!r} - slice or patch3d")
+                raise ValueError(f"Invalid 'encoder' {config.encoder!r} - slice, cnn or patch3d")
             tower = ViTSliceEncoder(config)
         self.vision_tower = tower
         self.z_former = ZFormer(config, int(tower.embed_dim))
@@ -321,6 +345,18 @@ class MSVLM(nn.Module):
         lm_width = int(self.language_model.get_input_embeddings().weight.shape[1])
         self.multi_modal_projector = nn.Sequential(
             nn.Linear(config.z_hidden, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
+        self.last_findings: FindingOutput | None = None
+        self.last_states: torch.Tensor | None = None
+        self.finding_head: FindingHead | None = None
+        self.label_tokens: nn.Embedding | None = None
+        if config.labels:
+            if config.finding_thresholds and len(config.finding_thresholds) != len(config.labels):
+                raise ValueError("Invalid 'finding_thresholds' - one per label")
+            self.finding_head = FindingHead(len(config.labels), config.z_hidden,
+                                            config.head_heads)
+            if config.condition_on_findings:  # (label, absent/present) -> one LM token each
+                self.label_tokens = nn.Embedding(2 * len(config.labels), lm_width)
+                nn.init.normal_(self.label_tokens.weight, std=0.02)
         if config.freeze_vision:
             self.vision_tower.requires_grad_(False)
 
@@ -378,14 +414,25 @@ class MSVLM(nn.Module):
         valid = torch.stack([torch.arange(L, device=self.device) < r[0].shape[0] for r in rows])
         return emb, meta_t, z, valid
 
-    def visual_tokens(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
-                                                                                torch.Tensor]:
-        """``(B, Q, D_lm)`` visual tokens and the Z-former's valid mask ``(B, L)``."""
+    def read(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
+                                                                      FindingOutput | None]:
+        """Z-former once, then both readers of its tokens: ``(B, Q, D_lm)`` visual tokens and
+        the finding head's output (None without a head)."""
         emb, meta, z, valid = self.collate(studies)
         seq = self.z_former(emb, meta, z, valid)  # (B, G+L, Dz)
         G = self.config.z_global_tokens
         key_valid = torch.cat([valid.new_ones(valid.shape[0], G), valid], dim=1)
-        return self.multi_modal_projector(self.resampler(seq, key_valid)), valid
+        visual = self.multi_modal_projector(self.resampler(seq, key_valid))
+        findings = None
+        if self.finding_head is not None:
+            findings = self.finding_head(seq[:, G:], valid)
+        return visual, findings
+
+    def visual_tokens(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
+                                                                                torch.Tensor]:
+        """``(B, Q, D_lm)`` visual tokens and the Z-former's valid mask ``(B, L)``."""
+        visual, _ = self.read(studies)
+        return visual, self.collate(studies)[3]
 
     def slice_relevance(self) -> torch.Tensor | None:
         """Mean resampler attention over slices from the last call, ``(B, L)``."""
@@ -394,27 +441,62 @@ class MSVLM(nn.Module):
             return None
         return att[:, :, self.config.z_global_tokens:].mean(dim=1)
 
+    def findings(self, studies: Sequence[Sequence[EncodedView]]) -> FindingOutput:
+        """The finding head alone (its training loss and the validation threshold tuning)."""
+        if self.finding_head is None:
+            raise ValueError("Invalid model - the config names no labels, so it has no head")
+        emb, meta, z, valid = self.collate(studies)
+        seq = self.z_former(emb, meta, z, valid)
+        return self.finding_head(seq[:, self.config.z_global_tokens:], valid)
+
+    def decide(self, findings: FindingOutput) -> torch.Tensor:
+        """``(B, N)`` 0/1 decisions with the thresholds stored in the checkpoint."""
+        return decisions(findings.logits.sigmoid(), self.config.finding_thresholds)
+
+    def prefix(self, visual: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
+        """What the LM reads before BOS: the visual tokens, then (when the model is conditioned
+        on its findings) one token per label saying present or absent, ``(B, Q[+N], D_lm)``."""
+        if self.label_tokens is None:
+            return visual
+        if states is None:
+            raise ValueError("Invalid call - a findings-conditioned model needs label states")
+        n = states.shape[1]
+        ids = 2 * torch.arange(n, device=states.device) + states.long()  # (B, N)
+        return torch.cat([visual, self.label_tokens(ids).to(visual.dtype)], dim=1)
+
     def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+                attention_mask: torch.Tensor, label_states: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Teacher-forced loss of ``input_ids (B, T)`` (BOS, report, EOS, padding) given the
-        studies; visual tokens and BOS carry no loss."""
-        visual, _ = self.visual_tokens(studies)  # (B, Q, D)
+        studies (and, for a conditioned model, the label states it is told; the head's own
+        decisions when None); the prefix and BOS carry no loss."""
+        visual, findings = self.read(studies)
+        if label_states is None and self.label_tokens is not None and findings is not None:
+            label_states = self.decide(findings)
+        prefix = self.prefix(visual, label_states)  # (B, P, D)
         tokens = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
-        embeds = torch.cat([visual, tokens], dim=1)  # (B, Q+T, D)
-        mask = torch.cat([attention_mask.new_ones(visual.shape[:2]), attention_mask], dim=1)
+        embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+T, D)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
         labels = torch.where(attention_mask.bool(), input_ids, -100)
         labels[:, 0] = -100  # BOS is given, not predicted
-        labels = torch.cat([labels.new_full(visual.shape[:2], -100), labels], dim=1)
+        labels = torch.cat([labels.new_full(prefix.shape[:2], -100), labels], dim=1)
         return self.language_model(inputs_embeds=embeds, attention_mask=mask,
                                    labels=labels).loss
 
     @torch.inference_mode()
     def generate_ids(self, studies: Sequence[Sequence[EncodedView]],
-                     max_new_tokens: int | None = None) -> torch.Tensor:
-        """Greedy (deterministic) decoding; returns the new token ids ``(B, T)``."""
-        visual, _ = self.visual_tokens(studies)
+                     max_new_tokens: int | None = None,
+                     label_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy (deterministic) decoding; returns the new token ids ``(B, T)``. The head's
+        output of this call is kept in ``last_findings`` (and its decisions, or the given
+        ``label_states``, in ``last_states``)."""
+        visual, findings = self.read(studies)
+        if label_states is None and findings is not None:
+            label_states = self.decide(findings)
+        self.last_findings, self.last_states = findings, label_states
+        prefix = self.prefix(visual, label_states)
         bos = torch.full((visual.shape[0], 1), self.special_ids["bos"], device=self.device)
-        embeds = torch.cat([visual, self.language_model.get_input_embeddings()(bos)], dim=1)
+        embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(bos)], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {}
         if self.config.repetition_penalty != 1.0:

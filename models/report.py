@@ -14,6 +14,17 @@ _SECTION = re.compile(r"(?is)^\s*findings\s*:\s*(?P<findings>.*?)\s*impression\s
 
 
 @dataclass
+class Finding:
+    """One label of the finding head: its probability, the decision with the checkpoint's
+    threshold, and for a present finding its key slices ``(view index, slice index)``."""
+
+    label: str
+    probability: float
+    present: bool
+    key_slices: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
 class Report:
     """A generated draft report."""
 
@@ -24,6 +35,12 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     slice_relevance: list[list[float]] = field(default_factory=list)
     """Per view, the resampler's mean attention on each slice (key-slice evidence)."""
+    structured: list[Finding] = field(default_factory=list)
+    """The finding head's answer per label (empty for a checkpoint without a head)."""
+
+    @property
+    def positive(self) -> list[Finding]:
+        return [f for f in self.structured if f.present]
 
     @property
     def text(self) -> str:

@@ -5,12 +5,21 @@ Stages, each resumable from its own state and skipped once done:
 1. ``pretrain``  self-supervised vision tower: MAE (transformers ``ViTMAEForPreTraining``, then
    the weights serve the encoding ``ViTModel``) for the slice ViT; masked 3D-patch modelling for
    the baseline encoder.
-2. ``mem``       Z-former masked embedding modelling (mask 0.3, L1) on cached slice embeddings.
-3. ``align``     resampler + projector on report generation, vision tower, Z-former and LM frozen.
-4. ``finetune``  report generation: Z-former, resampler, projector and the LM (full for small
-   LMs, LoRA when the model config sets ``lora``).
+2. ``findings``  the finding head, trained end to end with the slice encoder and the Z-former
+   (class-balanced BCE on study labels): every slice is encoded without gradients, then a
+   sampled subset per view (half the slices the head attends to most, half at random) is
+   encoded again with gradients, so the encoder learns from the slices that matter within a CPU
+   budget. Decision thresholds are then tuned on the validation split and stored in the config,
+   and a linear probe (``models.probe``) of every stage's features is written to
+   ``probe.json`` and the model card. Afterwards encoder, Z-former and head stay frozen.
+3. ``mem``       Z-former masked embedding modelling (mask 0.3, L1) on cached slice embeddings.
+4. ``align``     resampler + projector (+ label tokens) on report generation, the rest frozen.
+5. ``finetune``  report generation: resampler, projector, label tokens and the LM (full for small
+   LMs, LoRA when the model config sets ``lora``); the Z-former too when there is no head.
+   A findings-conditioned model reads the true labels here (flipped with ``label_noise``) and
+   its own decisions at inference, so its sentences follow its structured findings.
 
-After stage 1 the vision tower is frozen, so slice embeddings are computed once and cached on disk
+After stage 1 (or 2) the vision tower is frozen, so slice embeddings are computed once and cached on disk
 under ``cache/<data fingerprint>-<encoder hash>/``: a changed encoder never reuses stale ones.
 Data order depends only on (seed, stage, step), so a resumed run follows the same loss curve.
 Under ``torchrun`` the same command trains with DDP (gloo on CPU, NCCL on GPU).
@@ -40,12 +49,14 @@ from models.report import encode_targets, format_report, special_ids, train_toke
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "mem", "align", "finetune")
+STAGES = ("pretrain", "findings", "mem", "align", "finetune")
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
+    "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
+                 "probe_studies": 300},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
-    "align": {"steps": 200, "lr": 1e-3, "batch": 8},
-    "finetune": {"steps": 400, "lr": 5e-4, "batch": 8},
+    "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
+    "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
 }
 COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20}
 
@@ -74,7 +85,7 @@ class RunConfig:
         run = dict(raw.get("run", {}))
         if "out" not in run:
             raise ValueError(f"{path}: [run] out: is required (the checkpoint folder)")
-        stages = list(run.get("stages", STAGES))
+        stages = list(run.get("stages", [s for s in STAGES if s != "findings"]))
         for s in stages:
             if s not in STAGES:
                 raise ValueError(f"{path}: [run] stages: {s!r} is not one of {STAGES}")
@@ -98,6 +109,25 @@ class RunConfig:
 
 
 # -- distributed ---------------------------------------------------------------------------------
+
+def head_scores(probs: torch.Tensor, targets: torch.Tensor, thresholds: list[float],
+                labels: list[str]) -> dict[str, Any]:
+    """Macro F1 / AUROC of the head's decisions over the labels present in ``targets``."""
+    from models.probe import auroc
+
+    pred = probs >= torch.as_tensor(thresholds)
+    per = {}
+    for j, label in enumerate(labels):
+        y = targets[:, j].bool()
+        if not y.any():
+            continue
+        tp = int((pred[:, j] & y).sum())
+        per[label] = {"f1": 2 * tp / max(1, int(pred[:, j].sum()) + int(y.sum())),
+                      "auroc": auroc(probs[:, j].numpy(), y.long().numpy())}
+    return {"macro_f1": float(np.mean([v["f1"] for v in per.values()])) if per else 0.0,
+            "auroc": float(np.nanmean([v["auroc"] for v in per.values()])) if per else 0.0,
+            "per_label": per}
+
 
 def _dist() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -155,6 +185,38 @@ def _copy_mae_to_vit(mae: Any, model: MSVLM) -> None:
         raise RuntimeError(f"ViT weights missing after MAE: {missing[:5]}")
 
 
+def encode_sampled(model: MSVLM, studies: list[list[Any]], grad_slices: int,
+                   seed: int) -> list[list[EncodedView]]:
+    """Slice embeddings of ``studies`` (lists of views) where only a sample of each view's slices
+    carries gradients: all slices are encoded without them, the head's attention picks half of
+    the ``grad_slices`` (the slices it attends to most, for any label), the other half is drawn
+    at random, and those are encoded again with gradients."""
+    rng = np.random.default_rng(seed)
+    base = [[model.encode_slices(v) for v in views] for views in studies]
+    with torch.no_grad():
+        importance = model.findings(base).attention.amax(dim=1)  # (B, L)
+    out = []
+    for b, (views, encoded) in enumerate(zip(studies, base)):
+        offset, row = 0, []
+        for view, enc in zip(views, encoded):
+            n = view.num_slices
+            weights = importance[b, offset:offset + n]
+            offset += n
+            if n <= grad_slices:
+                idx = np.arange(n)
+            else:
+                top = torch.topk(weights, grad_slices // 2).indices.cpu().numpy()
+                rest = np.setdiff1d(np.arange(n), top)
+                idx = np.sort(np.concatenate([top, rng.choice(rest, grad_slices - len(top),
+                                                              replace=False)]))
+            x = preprocess(view.pixels[idx], view.modality, model.config, model.device)
+            emb = enc.embeddings.index_put(
+                (torch.as_tensor(idx, device=model.device),), model.vision_tower(x))
+            row.append(EncodedView(emb, enc.z_mm, enc.modality, enc.plane, enc.phase))
+        out.append(row)
+    return out
+
+
 class Trainer:
     """Runs the stages of a :class:`RunConfig` on a :class:`~models.data.Dataset`."""
 
@@ -178,6 +240,25 @@ class Trainer:
         self._cache: dict[str, list[EncodedView]] = {}
         self._encoder_hash: str | None = None
         self._pools: dict[str, torch.Tensor] = {}
+        self._targets: dict[str, torch.Tensor] = {}
+        self.probe: dict[str, Any] = {}
+        if "findings" in run.stages and not self.config.labels:
+            raise ValueError(f"{run.text and 'run file'}: [model] labels: the findings stage "
+                             "needs the label list")
+
+    # -- study labels -----------------------------------------------------------------------------
+    def targets(self, study: StudyItem) -> torch.Tensor:
+        """The study's 0/1 labels ``(N,)`` in the config's label order, read from its report
+        by the rule labeler (exact on phantom reports; uncertain counts as positive)."""
+        if study.study_id not in self._targets:
+            from models.labeler import RuleLabeler, binary
+
+            if not hasattr(self, "_labeler"):
+                self._labeler = RuleLabeler()
+            found = binary(self._labeler.label(f"{study.findings}\n{study.impression}"))
+            self._targets[study.study_id] = torch.tensor(
+                [float(found.get(label, 0)) for label in self.config.labels])
+        return self._targets[study.study_id]
 
     # -- setup ------------------------------------------------------------------------------------
     def _tokenizer(self) -> Any:
@@ -284,13 +365,25 @@ class Trainer:
                 return list(m.vision_tower.parameters()), self._batch_pretrain3d
             self._mae = _mae_model(m, self.run.stage["pretrain"]["mask_ratio"]).to(self.device)
             return list(self._mae.parameters()), self._batch_mae
+        if stage == "findings":
+            assert m.finding_head is not None
+            for part in (m.vision_tower, m.z_former, m.finding_head):
+                part.requires_grad_(True)
+            train = torch.stack([self.targets(s) for s in self.data.train])
+            pos = train.sum(0).clamp_min(1.0)
+            # class-balanced BCE: a label's positives weigh as much as its negatives
+            self._pos_weight = ((len(train) - pos) / pos).clamp(1.0, 20.0).to(self.device)
+            return [p for p in m.parameters() if p.requires_grad], self._batch_findings
         if stage == "mem":
             m.z_former.requires_grad_(True)
             return [p for p in m.z_former.parameters()], self._batch_mem
         m.resampler.requires_grad_(True)
         m.multi_modal_projector.requires_grad_(True)
+        if m.label_tokens is not None:
+            m.label_tokens.requires_grad_(True)
         if stage == "finetune":
-            m.z_former.requires_grad_(True)
+            if m.finding_head is None:  # with a head the Z-former stays as the head learned it
+                m.z_former.requires_grad_(True)
             if self.config.lora:
                 for name, p in m.language_model.named_parameters():
                     p.requires_grad_("lora_" in name)
@@ -311,6 +404,13 @@ class Trainer:
         picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
         return ([self.encoded(studies[int(i)]) for i in picks], int(rng.integers(2**31)))
 
+    def _batch_findings(self, studies: list[StudyItem], rng: np.random.Generator,
+                        batch: int) -> tuple[Any, ...]:
+        picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
+        chosen = [studies[int(i)] for i in picks]
+        return ([s.load() for s in chosen], torch.stack([self.targets(s) for s in chosen])
+                .to(self.device), int(rng.integers(2**31)))
+
     def _batch_report(self, studies: list[StudyItem], rng: np.random.Generator,
                       batch: int) -> tuple[Any, ...]:
         picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
@@ -322,7 +422,15 @@ class Trainer:
                 findings, impression = s.variant(int(rng.integers(2**31)))
             texts.append(format_report(findings, impression))
         ids, mask = encode_targets(self.tokenizer, texts, self.device)
-        return ([self.encoded(s) for s in chosen], ids, mask)
+        states = None
+        if self.model.label_tokens is not None:  # the true labels, some flipped (label noise)
+            states = torch.stack([self.targets(s) for s in chosen]).long()
+            noise = float(self.run.stage[self._stage].get("label_noise", 0.0))
+            if studies is not self.data.valid and noise > 0:
+                flip = torch.as_tensor(rng.random(tuple(states.shape)) < noise)
+                states = torch.where(flip, 1 - states, states)
+            states = states.to(self.device)
+        return ([self.encoded(s) for s in chosen], ids, mask, states)
 
     def _loss(self, stage: str) -> Callable[..., torch.Tensor]:
         if stage == "pretrain" and not getattr(self.model.vision_tower, "volumetric", False):
@@ -337,6 +445,17 @@ class Trainer:
                 g = torch.Generator(device=volumes[0].device).manual_seed(seed)
                 return torch.stack([model.vision_tower.masked_loss(v, g) for v in volumes]).mean()
             return patch_loss
+        if stage == "findings":
+            grad_slices = int(self.run.stage["findings"]["grad_slices"])
+            pos_weight = self._pos_weight
+
+            def findings_loss(model: MSVLM, studies: list[list[Any]], targets: torch.Tensor,
+                              seed: int) -> torch.Tensor:
+                encoded = encode_sampled(model, studies, grad_slices, seed)
+                out = model.findings(encoded)
+                return nn.functional.binary_cross_entropy_with_logits(
+                    out.logits, targets, pos_weight=pos_weight)
+            return findings_loss
         if stage == "mem":
             def mem_loss(model: MSVLM, studies: list[list[EncodedView]], seed: int) -> Any:
                 emb, meta, z, valid = model.collate(studies)
@@ -345,8 +464,8 @@ class Trainer:
             return mem_loss
 
         def report_loss(model: MSVLM, studies: list[list[EncodedView]], ids: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
-            return model(studies, ids, mask)
+                        mask: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
+            return model(studies, ids, mask, states)
         return report_loss
 
     def run_stage(self, stage: str, stop_after: int | None = None) -> None:
@@ -355,12 +474,17 @@ class Trainer:
         cfg = self.run.stage[stage]
         folder = self.out / "stages" / stage
         if (folder / "done.json").exists():
-            self.curves[stage] = json.loads((folder / "done.json").read_text())["curves"]
+            done = json.loads((folder / "done.json").read_text())
+            self.curves[stage] = done["curves"]
             self._load_weights(folder / "weights.pt")
+            if "thresholds" in done:
+                self.config.finding_thresholds = done["thresholds"]
+                self.probe = done.get("probe", {})
             logger.info("Stage %s already done; skipped", stage)
             return
         self.reset_cache()
-        if stage != "pretrain":
+        self._stage = stage
+        if stage not in ("pretrain", "findings"):
             self._prefill()
         params, make_batch = self._setup_stage(stage)
         module: nn.Module = _Loss(self.model, self._loss(stage))
@@ -434,9 +558,12 @@ class Trainer:
         if stage == "pretrain" and hasattr(self, "_mae"):
             _copy_mae_to_vit(self._mae, self.model)
         self.curves[stage] = curve
+        done = {"curves": curve, "best_val": best}
+        if stage == "findings":
+            done.update(self._after_findings())
         if self.main:
             torch.save(self.model.state_dict(), folder / "weights.pt")
-            (folder / "done.json").write_text(json.dumps({"curves": curve, "best_val": best}))
+            (folder / "done.json").write_text(json.dumps(done))
             self._plot(stage, curve)
         if self.world > 1:
             torch.distributed.barrier()
@@ -457,11 +584,96 @@ class Trainer:
             make_batch = self._batch_mae if hasattr(self, "_mae") else self._batch_pretrain3d
         elif stage == "mem":
             make_batch = self._batch_mem
+        elif stage == "findings":
+            make_batch = self._batch_findings
         else:
             make_batch = self._batch_report
         losses = [float(module(*make_batch(studies, rng, self.run.stage[stage]["batch"])))
                   for _ in range(2)]
         return float(np.mean(losses))
+
+    # -- after the findings stage: thresholds, head metrics, probes ----------------------------------
+    @torch.no_grad()
+    def _head_outputs(self, studies: list[StudyItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        probs = [self.model.findings([self.encoded(s)]).logits[0].sigmoid().cpu()
+                 for s in tqdm(studies, desc="head on validation", disable=not self.main)]
+        return torch.stack(probs), torch.stack([self.targets(s) for s in studies])
+
+    def _after_findings(self) -> dict[str, Any]:
+        """Tune the thresholds on the validation split, score the head there, probe."""
+        from models.findings import tune_thresholds
+
+        self.reset_cache()  # the encoder changed: embeddings are computed anew
+        studies = self.data.valid or self.data.train
+        probs, targets = self._head_outputs(studies)
+        self.config.finding_thresholds = tune_thresholds(probs, targets)
+        head = head_scores(probs, targets, self.config.finding_thresholds, self.config.labels)
+        logger.info("Finding head on the validation split (thresholds tuned there): macro F1 "
+                    "%.3f, AUROC %.3f", head["macro_f1"], head["auroc"])
+        self.probe = self.run_probe()
+        return {"thresholds": self.config.finding_thresholds, "head_valid": head,
+                "probe": self.probe}
+
+    @torch.no_grad()
+    def run_probe(self) -> dict[str, Any]:
+        """The same linear probe on every stage's features and on two controls (random-init
+        encoder, HU histogram); a trained encoder that does not beat both is reported as failed
+        (a warning in the run log, ``verdict`` in the model card)."""
+        from models.probe import hu_histogram, linear_probe
+
+        m = self.model.eval()
+        n = int(self.run.stage["findings"]["probe_studies"])
+        splits = {"train": self.data.train[:n], "valid": self.data.valid}
+        if not splits["valid"]:
+            return {}
+        torch.manual_seed(self.run.seed + 17)
+        random_model = MSVLM(self.config, len(self.tokenizer), special_ids(self.tokenizer))
+        random_model.to(self.device).eval()
+        G = self.config.z_global_tokens
+        feats: dict[str, dict[str, list[np.ndarray]]] = {}
+        for split, studies in splits.items():
+            for s in tqdm(studies, desc=f"probe features ({split})", disable=not self.main):
+                enc = self.encoded(s)
+                emb, meta, z, valid = m.collate([enc])
+                seq = m.z_former(emb, meta, z, valid)
+                key_valid = torch.cat([valid.new_ones(1, G), valid], dim=1)
+                res = m.resampler(seq, key_valid)
+                views = s.load()
+                rand = torch.cat([random_model.encode_slices(v).embeddings for v in views])
+                e, tokens = emb[0], seq[0, G:]
+                row = {"HU histogram (control)": hu_histogram([v.pixels for v in views]),
+                       "random-init encoder, mean+max (control)": torch.cat(
+                           [rand.mean(0), rand.amax(0)]).cpu().numpy(),
+                       "encoder, mean+max": torch.cat([e.mean(0), e.amax(0)]).cpu().numpy(),
+                       "Z-former tokens, mean+max": torch.cat(
+                           [tokens.mean(0), tokens.amax(0)]).cpu().numpy(),
+                       "resampler queries, mean+max": torch.cat(
+                           [res[0].mean(0), res[0].amax(0)]).cpu().numpy(),
+                       "projector output, mean+max": torch.cat(
+                           [m.multi_modal_projector(res)[0].mean(0),
+                            m.multi_modal_projector(res)[0].amax(0)]).cpu().numpy()}
+                for key, value in row.items():
+                    feats.setdefault(key, {}).setdefault(split, []).append(value)
+        y = {split: torch.stack([self.targets(s) for s in studies]).numpy()
+             for split, studies in splits.items()}
+        table = {key: linear_probe(np.stack(v["train"]), y["train"], np.stack(v["valid"]),
+                                   y["valid"], self.config.labels) for key, v in feats.items()}
+        enc = table["encoder, mean+max"]["macro_f1"]
+        controls = max(table["HU histogram (control)"]["macro_f1"],
+                       table["random-init encoder, mean+max (control)"]["macro_f1"])
+        verdict = "learned" if enc > controls else "FAILED"
+        for key, value in table.items():
+            logger.info("probe %-42s macro F1 %.3f  AUROC %.3f", key, value["macro_f1"],
+                        value["auroc"])
+        if verdict == "FAILED":
+            logger.warning("PROBE FAILED: the trained slice encoder (macro F1 %.3f) does not "
+                           "beat the controls (%.3f); do not build on it", enc, controls)
+        return {"verdict": verdict, "train_studies": len(splits["train"]),
+                "valid_studies": len(splits["valid"]),
+                "table": {k: {"macro_f1": v["macro_f1"], "auroc": v["auroc"]}
+                          for k, v in table.items()},
+                "per_label": {k: v["per_label"] for k, v in table.items()}}
 
     def _plot(self, stage: str, curve: dict[str, list[float]]) -> None:
         import matplotlib
@@ -507,12 +719,36 @@ class Trainer:
 
         studies = (self.data.valid or self.data.train)[: self.run.eval_studies]
         gen = ReportGenerator(self.model, self.tokenizer, {"name": "MS-VLM"}, "training")
-        pairs = []
+        pairs, reports = [], []
         for s in tqdm(studies, desc="validation reports", disable=not self.main):
             report = gen.report(self.encoded(s))
+            reports.append(report)
             pairs.append(ReportPair(s.study_id, s.findings, s.impression, report.findings,
                                     report.impression))
-        return evaluate_reports(pairs, meteor=False)
+        metrics = evaluate_reports(pairs, meteor=False)
+        if self.model.finding_head is not None:
+            from models.evaluate import agreement
+
+            metrics.update(agreement(reports))
+        return metrics
+
+    def _frozen_story(self) -> list[str]:
+        """What each stage trained and what it left frozen (for the model card)."""
+        story = {
+            "pretrain": "pretrain: vision tower alone (self-supervised); frozen afterwards",
+            "findings": "findings: vision tower, Z-former and finding head end to end (BCE); "
+                        "all three frozen afterwards",
+            "mem": "mem: Z-former alone (masked embedding modelling)",
+            "align": "align: resampler, projector" + (" and label tokens"
+                                                      if self.model.label_tokens is not None
+                                                      else "") + "; everything else frozen",
+            "finetune": "finetune: resampler, projector, " + (
+                "label tokens, " if self.model.label_tokens is not None else "") + (
+                "language model" if self.model.finding_head is not None
+                else "Z-former and language model") + ("" if not self.config.lora
+                                                        else " (LoRA adapters)"),
+        }
+        return [story[s] for s in self.run.stages]
 
     def _save(self, metrics: dict[str, Any], hashes: list[str]) -> None:
         from models.generator import save_checkpoint
@@ -531,6 +767,16 @@ class Trainer:
                          "world_size": self.world, "rank_weight_hashes": hashes},
             "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
             "per_label_f1": metrics.get("per_label_f1", {}),
+            "frozen": self._frozen_story(),
         }
+        if self.config.labels:
+            card["labels"] = self.config.labels
+            card["finding_thresholds"] = dict(zip(self.config.labels,
+                                                  self.config.finding_thresholds))
+            card["training"]["supervision"] = (
+                "study-level report text and the labels the rule labeler reads from it; no "
+                "lesion positions or other signal beyond what real data sets have")
+        if self.probe:
+            card["probe"] = {k: v for k, v in self.probe.items() if k != "per_label"}
         save_checkpoint(self.model.eval(), self.tokenizer, self.out, card)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

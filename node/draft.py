@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import pydicom
 
 from node.selection import Selection, SelectionRules, SeriesInfo, select_series
-from node.sr import SeriesRead, build_report_sr, statement
+from node.sr import CodedFinding, KeyImage, SeriesRead, build_report_sr, statement
 from storage import classify
 
 
@@ -31,6 +31,8 @@ class Draft:
     pdf: pydicom.Dataset | None
     selection: Selection
     timings: dict[str, float] = field(default_factory=dict)
+    coded: list[CodedFinding] = field(default_factory=list)
+    """The positive findings as coded in the SR, with their key slices."""
 
 
 def series_infos(headers: Mapping[str, Sequence[pydicom.Dataset]]) -> list[SeriesInfo]:
@@ -46,6 +48,36 @@ def series_infos(headers: Mapping[str, Sequence[pydicom.Dataset]]) -> list[Serie
             int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
             str(ds.get("SeriesDescription", ""))))
     return out
+
+
+def key_image(headers: Sequence[pydicom.Dataset], index: int) -> KeyImage:
+    """The instance (and frame) holding slice ``index`` of a view read from ``headers``: one
+    header per slice in slice order, or one multi-frame image."""
+    if len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1:
+        return KeyImage(headers[0], index + 1)
+    return KeyImage(headers[index])
+
+
+def coded_findings(report: Any, headers: Sequence[Sequence[pydicom.Dataset]]
+                   ) -> list[CodedFinding]:
+    """The report's positive findings with their key slices mapped to instances, and the side
+    the draft's text states for each."""
+    from models.labeler import stated_side
+
+    text = f"{report.findings}\n{report.impression}"
+    return [CodedFinding(f.label, f.probability, stated_side(text, f.label),
+                         tuple(key_image(headers[v], s) for v, s in f.key_slices))
+            for f in report.positive]
+
+
+def describe_key_image(key: KeyImage) -> str:
+    """``series 3, instance 41, z -112.5 mm`` (frame for multi-frame images)."""
+    ds = key.dataset
+    where = f"series {ds.get('SeriesNumber', '?')}, instance {ds.get('InstanceNumber', '?')}"
+    if key.frame:
+        return f"{where}, frame {key.frame}"
+    z = classify.position_along_normal(ds)
+    return f"{where}, z {z:.1f} mm" if z is not None else where
 
 
 def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]],
@@ -84,6 +116,7 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
     if not selection.chosen:
         raise ReportError(selection.reason)
     views: list[View] = []
+    headers: list[list[pydicom.Dataset]] = []
     read: list[SeriesRead] = []
     evidence: list[pydicom.Dataset] = []
     start = time.perf_counter()
@@ -102,12 +135,15 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
         read.append(SeriesRead(s.series_instance_uid, s.series_number, s.description, s.plane,
                                s.phase, s.images))
         evidence += volume.headers
+        headers.append(volume.headers)
     timings["load_s"] = time.perf_counter() - start
     report = generator.generate(views)
     timings.update(report.timings)
     start = time.perf_counter()
+    coded = coded_findings(report, headers)
     sr = build_report_sr(report.findings, report.impression, report.model_name,
-                         report.model_version, device_uid, evidence, read, previous=previous)
+                         report.model_version, device_uid, evidence, read, previous=previous,
+                         coded=coded)
     document = None
     if pdf:
         from node.pdf import build_report_pdf, render_pdf
@@ -116,4 +152,4 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
                                                    report.model_name, report.model_version,
                                                    statement(read)))
     timings["sr_s"] = time.perf_counter() - start
-    return Draft(report, sr, document, selection, timings)
+    return Draft(report, sr, document, selection, timings, coded)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import pydicom
 
 from node.config import Config
-from node.draft import Draft, ReportError, draft_study, series_infos
+from node.draft import Draft, ReportError, describe_key_image, draft_study, series_infos
 from node.selection import rules_for
 from node.sr import sr_text
 from storage.files import FileStore
@@ -94,6 +94,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"PDF -> {pdf_path}")
     findings, impression = sr_text(sr)  # exactly what the SR carries
     print(f"Findings: {findings}\nImpression: {impression}")
+    if draft.coded:
+        print("Structured findings (probability; key slices):")
+        for f in draft.coded:
+            side = f" ({f.laterality})" if f.laterality else ""
+            keys = "; ".join(describe_key_image(k) for k in f.key_images)
+            print(f"  {f.label}{side}: {f.probability:.2f}; {keys}")
+    elif report.structured:
+        print("Structured findings: none positive")
     print(f"({report.model_name} {report.model_version}; encode {report.timings['encode_s']:.1f}"
           f" s, generate {report.timings['generate_s']:.1f} s) -> {path}")
     return 0

@@ -28,6 +28,80 @@ SERIES_DESCRIPTION = "AI DRAFT - UNVERIFIED"
 MANUFACTURER = "msvlm-node"
 
 
+FINDING_CODES: dict[str, hd.sr.CodedConcept] = {
+    label: hd.sr.CodedConcept(value, scheme, meaning) for label, (value, scheme, meaning) in {
+        "Medical material": ("52124006", "SCT", "Central venous catheter"),
+        "Arterial wall calcification": ("54160000", "SCT", "Atherosclerosis of aorta"),
+        "Cardiomegaly": ("287272002", "SCT", "Cardiomegaly"),
+        "Pericardial effusion": ("373945007", "SCT", "Pericardial effusion"),
+        "Coronary artery wall calcification": ("53741008", "SCT",
+                                               "Coronary arteriosclerosis"),
+        "Hiatal hernia": ("84089009", "SCT", "Hiatal hernia"),
+        "Lymphadenopathy": ("30746006", "SCT", "Lymphadenopathy"),
+        "Emphysema": ("87433001", "SCT", "Pulmonary emphysema"),
+        "Atelectasis": ("46621007", "SCT", "Atelectasis"),
+        "Lung nodule": ("786838002", "SCT", "Pulmonary nodule"),
+        "Lung opacity": ("112120", "DCM", "Ground glass opacity"),
+        "Pulmonary fibrotic sequela": ("51615001", "SCT", "Fibrosis of lung"),
+        "Pleural effusion": ("60046008", "SCT", "Pleural effusion"),
+        "Mosaic attenuation pattern": ("112130", "DCM", "Mosaic pattern"),
+        "Peribronchial thickening": ("PERIBRONCHIAL", "99MSVLM", "Peribronchial thickening"),
+        "Consolidation": ("95436008", "SCT", "Lung consolidation"),
+        "Bronchiectasis": ("12295008", "SCT", "Bronchiectasis"),
+        "Interlobular septal thickening": ("112114", "DCM", "Septal line(s)"),
+        "Pulmonary embolism": ("59282003", "SCT", "Pulmonary embolism"),
+    }.items()}
+"""The coded concept of each label (SNOMED CT where one fits; DICOM's thoracic findings, CID
+6102, otherwise; one private code, scheme 99MSVLM, where neither has the concept)."""
+LATERALITY = hd.sr.CodedConcept("272741003", "SCT", "Laterality")
+SIDES = {"right": hd.sr.CodedConcept("24028007", "SCT", "Right"),
+         "left": hd.sr.CodedConcept("7771000", "SCT", "Left")}
+
+
+@dataclass(frozen=True)
+class KeyImage:
+    """One key slice: the header of the instance that holds it and, for a multi-frame image,
+    the frame number (1-based)."""
+
+    dataset: Dataset
+    frame: int | None = None
+
+
+@dataclass(frozen=True)
+class CodedFinding:
+    """One positive finding of the model: its label, probability, stated laterality and key
+    slices."""
+
+    label: str
+    probability: float
+    laterality: str | None = None
+    key_images: tuple[KeyImage, ...] = ()
+
+
+def _coded_finding(finding: CodedFinding) -> hd.sr.CodeContentItem:
+    """CODE (Finding = concept), laterality, probability and IMAGE items for its key slices."""
+    concept = FINDING_CODES.get(finding.label) or hd.sr.CodedConcept(
+        finding.label.upper().replace(" ", "_")[:16], "99MSVLM", finding.label)
+    item = hd.sr.CodeContentItem(name=codes.DCM.Finding, value=concept,
+                                 relationship_type="CONTAINS")
+    children: list[Dataset] = []
+    if finding.laterality in SIDES:
+        children.append(hd.sr.CodeContentItem(name=LATERALITY, value=SIDES[finding.laterality],
+                                              relationship_type="HAS CONCEPT MOD"))
+    children.append(hd.sr.NumContentItem(
+        name=codes.DCM.Probability, value=round(float(finding.probability), 4),
+        unit=hd.sr.CodedConcept("1", "UCUM", "no units"), relationship_type="HAS PROPERTIES"))
+    for key in finding.key_images:
+        children.append(hd.sr.ImageContentItem(
+            name=codes.DCM.SourceImage,
+            referenced_sop_class_uid=key.dataset.SOPClassUID,
+            referenced_sop_instance_uid=key.dataset.SOPInstanceUID,
+            referenced_frame_numbers=[key.frame] if key.frame else None,
+            relationship_type="INFERRED FROM"))
+    item.ContentSequence = children  # type: ignore[assignment]
+    return item
+
+
 @dataclass(frozen=True)
 class SeriesRead:
     """One series the model read (for the statement in the report)."""
@@ -51,8 +125,10 @@ def statement(series: Sequence[SeriesRead]) -> str:
 def build_report_sr(findings: str, impression: str, model_name: str, model_version: str,
                     device_uid: str, evidence: Sequence[Dataset], series_read: Sequence[SeriesRead],
                     previous: Sequence[Dataset] = (), series_number: int = 9901,
-                    series_instance_uid: str | None = None) -> Dataset:
-    """Build the SR; ``evidence`` are the headers of every instance that was read.
+                    series_instance_uid: str | None = None,
+                    coded: Sequence[CodedFinding] = ()) -> Dataset:
+    """Build the SR; ``evidence`` are the headers of every instance that was read; ``coded``
+    the positive findings of the model's head, each a CODE item under Findings.
 
     Raises
     ------
@@ -75,7 +151,8 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
     findings_item = hd.sr.ContainerContentItem(name=codes.DCM.Findings,
                                                relationship_type="CONTAINS")
     findings_item.ContentSequence = [hd.sr.TextContentItem(  # type: ignore[assignment]
-        name=codes.DCM.Finding, value=findings or "(none)", relationship_type="CONTAINS")]
+        name=codes.DCM.Finding, value=findings or "(none)", relationship_type="CONTAINS"),
+        *(_coded_finding(f) for f in coded)]
     impressions = hd.sr.ContainerContentItem(name=codes.DCM.Impressions,
                                              relationship_type="CONTAINS")
     impressions.ContentSequence = [hd.sr.TextContentItem(  # type: ignore[assignment]
@@ -118,6 +195,31 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
     if charset:
         sr.SpecificCharacterSet = charset
     return sr
+
+
+def sr_coded_findings(sr: Dataset) -> list[dict[str, object]]:
+    """The coded findings read back: concept meaning, laterality, probability, key SOP Instance
+    UIDs (what a viewer shows under Findings)."""
+    out: list[dict[str, object]] = []
+    for container in sr.ContentSequence:
+        if container.ConceptNameCodeSequence[0].CodeValue != "121070":
+            continue
+        for item in container.get("ContentSequence", []):
+            if item.ValueType != "CODE":
+                continue
+            row: dict[str, object] = {"finding": item.ConceptCodeSequence[0].CodeMeaning,
+                                      "code": item.ConceptCodeSequence[0].CodeValue,
+                                      "laterality": None, "probability": None, "images": []}
+            for child in item.get("ContentSequence", []):
+                if child.ValueType == "CODE":
+                    row["laterality"] = child.ConceptCodeSequence[0].CodeMeaning
+                elif child.ValueType == "NUM":
+                    row["probability"] = float(child.MeasuredValueSequence[0].NumericValue)
+                elif child.ValueType == "IMAGE":
+                    ref = child.ReferencedSOPSequence[0]
+                    row["images"].append(str(ref.ReferencedSOPInstanceUID))  # type: ignore
+            out.append(row)
+    return out
 
 
 def sr_text(sr: Dataset) -> tuple[str, str]:

@@ -13,7 +13,9 @@ import pytest
 from models.generator import build_tiny, save_checkpoint
 from models.phantom import generate_case
 from models.report import train_tokenizer
-from node.sr import SeriesRead, build_report_sr, sr_text
+from models.labeler import stated_side
+from node.sr import (CodedFinding, KeyImage, SeriesRead, build_report_sr, sr_coded_findings,
+                     sr_text)
 from storage.volumes import StudyInfo, write_ct_series
 from tests.conftest import MR_TS_DIR, ODD_DIR, run_cli, samples_or_skip, write_config
 
@@ -120,3 +122,73 @@ def test_previous_report_is_referenced(tmp_path: Path) -> None:
     predecessor: Any = second.PredecessorDocumentsSequence[0]
     uid = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert uid.ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+@pytest.fixture(scope="module")
+def head_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with a finding head whose thresholds make both labels positive."""
+    out = tmp_path_factory.mktemp("head-ckpt")
+    tokenizer = train_tokenizer(["Findings: The heart is enlarged.\nImpression: Cardiomegaly."]
+                                * 3, 300)
+    model = build_tiny(tokenizer, encoder="cnn", cnn_channels=[8, 16], image_size=32,
+                       vision_hidden=32, z_hidden=32, z_layers=1, num_queries=4,
+                       labels=["Cardiomegaly", "Lung nodule"], head_heads=2,
+                       finding_thresholds=[0.0, 1.1], key_slices=2, max_new_tokens=12,
+                       lm_config={"hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "num_key_value_heads": 2, "max_position_embeddings": 256})
+    save_checkpoint(model.eval(), tokenizer, out, {"name": "tiny-head", "modalities": ["CT"],
+                                                   "body_parts": ["CHEST"]})
+    return out
+
+
+def test_sr_codes_the_positive_findings_with_their_key_slices(tmp_path: Path,
+                                                               head_checkpoint: Path) -> None:
+    case = generate_case(78, phases=("non_contrast",), slices=20, matrix=48)
+    study = StudyInfo("1.2.826.0.1.3680043.10.1452.78", "PH78")
+    write_ct_series(tmp_path / "study" / "s1", case.views[0].pixels, case.views[0].z_mm,
+                    case.views[0].pixel_spacing_mm, "axial", "non_contrast", study, 1)
+    instances = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                 for p in (tmp_path / "study" / "s1").iterdir()}
+    config = write_config(tmp_path, {"storage": {"root": str(tmp_path / "store")},
+                                     "model": {"checkpoint": str(head_checkpoint),
+                                               "device": "cpu"}})
+    result = run_cli("report", str(tmp_path / "study"), "--out", str(tmp_path / "out"), "-c",
+                     str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # threshold 0 makes cardiomegaly positive, 1.1 keeps the nodule negative
+    assert "Structured findings (probability; key slices):" in result.stdout
+    assert "  Cardiomegaly: " in result.stdout and "Lung nodule:" not in result.stdout
+    assert "series 1, instance" in result.stdout and " mm" in result.stdout
+    [sr_path] = list((tmp_path / "out").glob("SR-*.dcm"))
+    sr = pydicom.dcmread(sr_path)
+    [coded] = sr_coded_findings(sr)
+    assert (coded["code"], coded["finding"]) == ("287272002", "Cardiomegaly")
+    assert 0.0 <= float(coded["probability"]) <= 1.0  # type: ignore[arg-type]
+    images = list(coded["images"])  # type: ignore[call-overload]
+    assert len(images) == 2 and set(images) <= instances
+    assert dciodvfy_errors(sr_path) == []
+    html = subprocess.run(["/usr/bin/dsr2html", str(sr_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert html.returncode == 0 and "Cardiomegaly" in html.stdout
+
+
+def test_laterality_is_coded_where_the_text_states_it(tmp_path: Path) -> None:
+    case = generate_case(79, phases=("non_contrast",), slices=4, matrix=32)
+    study = StudyInfo("1.2.826.0.1.3680043.10.1452.79", "PH79")
+    paths = write_ct_series(tmp_path / "s1", case.views[0].pixels, case.views[0].z_mm,
+                            case.views[0].pixel_spacing_mm, "axial", "non_contrast", study, 1)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    text = "A left pleural effusion is present. No pneumothorax."
+    coded = [CodedFinding("Pleural effusion", 0.91, stated_side(text, "Pleural effusion"),
+                          (KeyImage(headers[2]),))]
+    sr = build_report_sr(text, "Left pleural effusion.", "tiny", "0" * 16, "1.2.3.4", headers,
+                         [SeriesRead(study.study_instance_uid, 1, "", "axial", "unknown", 4)],
+                         coded=coded)
+    [row] = sr_coded_findings(sr)
+    assert row["laterality"] == "Left" and row["probability"] == 0.91
+    assert row["images"] == [headers[2].SOPInstanceUID]
+    assert stated_side("No right pleural effusion. Cardiomegaly.", "Pleural effusion") is None
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []

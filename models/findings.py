@@ -1,0 +1,100 @@
+"""The finding head: one learned query per label over the Z-former's slice tokens.
+
+Per label a logit and an attention distribution over every slice of every view; the slices a
+positive label attends to most are its key slices, the evidence a radiologist checks the draft
+against. The label list is part of the checkpoint's config (the 18 CT-RATE labels plus pulmonary
+embolism for the phantoms, any list for another data set).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FindingOutput:
+    """The head's answer for a batch of studies."""
+
+    logits: torch.Tensor  # (B, N)
+    attention: torch.Tensor  # (B, N, L): mean over heads, 0 on padding
+    valid: torch.Tensor  # (B, L)
+
+
+class FindingHead(nn.Module):
+    """Multi-head cross-attention of ``num_labels`` queries over ``(B, L, D)`` slice tokens,
+    then a per-label linear read-out of each query's pooled vector."""
+
+    def __init__(self, num_labels: int, dim: int, heads: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"Invalid 'head_heads' {heads} - must divide z_hidden {dim}")
+        self.heads = heads
+        self.queries = nn.Parameter(torch.randn(num_labels, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.weight = nn.Parameter(torch.randn(num_labels, dim) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> FindingOutput:
+        B, L, D = tokens.shape
+        H, d = self.heads, D // self.heads
+        x = self.norm(tokens)
+        k = self.key(x).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d)
+        v = self.value(x).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d)
+        q = self.queries.view(-1, H, d).transpose(0, 1)  # (H, N, d)
+        scores = torch.einsum("hnd,bhld->bhnl", q, k) / math.sqrt(d)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        att = scores.softmax(dim=-1)  # (B, H, N, L)
+        pooled = torch.einsum("bhnl,bhld->bnhd", att, v).reshape(B, -1, D)  # (B, N, D)
+        h = self.out_norm(pooled)
+        h = h + self.mlp(h)
+        logits = (h * self.weight).sum(dim=-1) + self.bias  # (B, N)
+        return FindingOutput(logits, att.mean(dim=1), valid)
+
+
+def decisions(probabilities: torch.Tensor, thresholds: list[float] | None) -> torch.Tensor:
+    """``(B, N)`` 0/1 decisions: each label's probability at or above its stored threshold
+    (0.5 where none is stored yet)."""
+    if thresholds:
+        t = torch.as_tensor(thresholds, dtype=probabilities.dtype, device=probabilities.device)
+    else:
+        t = torch.full_like(probabilities[0], 0.5)
+    return (probabilities >= t).long()
+
+
+def key_slices(attention: torch.Tensor, lengths: list[int], k: int) -> list[tuple[int, int, float]]:
+    """Top-``k`` slices of each view by one label's attention ``(L,)`` (views concatenated in
+    ``lengths``): ``(view index, slice index, weight)``, heaviest first."""
+    out: list[tuple[int, int, float]] = []
+    offset = 0
+    for view, n in enumerate(lengths):
+        part = attention[offset:offset + n]
+        top = torch.topk(part, min(k, n))
+        out += [(view, int(i), float(w)) for w, i in zip(top.values, top.indices)]
+        offset += n
+    return sorted(out, key=lambda row: -row[2])
+
+
+def tune_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Per label the threshold that maximises F1 on ``(n, N)`` probabilities and 0/1 targets
+    (a label with no positive keeps 0.5)."""
+    out = []
+    for j in range(probabilities.shape[1]):
+        p, y = probabilities[:, j], targets[:, j].bool()
+        best, best_t = -1.0, 0.5
+        if y.any():
+            for t in torch.unique(p).tolist():
+                pred = p >= t
+                tp = int((pred & y).sum())
+                f1 = 2 * tp / max(1, int(pred.sum()) + int(y.sum()))
+                if f1 > best:
+                    best, best_t = f1, float(t)
+        out.append(best_t)
+    return out
