@@ -50,3 +50,68 @@ class ConvSliceEncoder(nn.Module):
                             f[..., :half].amax(dim=(2, 3)), f[..., half:].amax(dim=(2, 3))],
                            dim=1)  # (S, 4C)
         return self.proj(pooled)  # (S, D)
+
+
+# HU bin edges: air, emphysema, aerated lung, ground glass, fat, fluid, soft tissue, enhanced
+# blood, calcium and bone, metal (a CT's materials, not tuned to any finding)
+HU_EDGES = (-1024.0, -990.0, -960.0, -920.0, -880.0, -840.0, -800.0, -700.0, -600.0, -500.0,
+            -400.0, -300.0, -200.0, -100.0, -50.0, -20.0, 0.0, 10.0, 20.0, 30.0, 40.0, 50.0,
+            60.0, 80.0, 100.0, 150.0, 200.0, 300.0, 500.0, 700.0, 1000.0, 1500.0)
+
+
+class PyramidSliceEncoder(nn.Module):
+    """A slice encoder in two parts, for CPU budgets.
+
+    ``lower`` (fixed, no parameters, cacheable): per slice, the share of pixels in each HU bin
+    within each cell of a ``grid x grid`` layout, at full resolution and after 2x2 and 4x4
+    averaging. Counting keeps a small spot: a 6 mm nodule is a few pixels in a soft-tissue bin of
+    a lung cell, which a mean over a 16-px patch loses; averaging tells a blob, which survives
+    it, from a vessel or a septal line, which does not. ``upper`` (trained with the finding
+    loss): an MLP from those shares to the embedding. MR is binned uniformly on the view's
+    percentile-scaled intensities.
+    """
+
+    raw_input = True  # encode_slices hands it the view's own values, not windowed channels
+
+    def __init__(self, embed_dim: int, grid: int = 3, hidden: int = 256) -> None:
+        super().__init__()
+        self.grid = grid
+        self.scales = (1, 2, 4)
+        self.register_buffer("edges", torch.tensor(HU_EDGES[1:]), persistent=False)
+        bins = len(HU_EDGES)
+        self.in_dim = len(self.scales) * grid * grid * bins
+        self.upper = nn.Sequential(nn.Linear(self.in_dim, hidden), nn.GELU(),
+                                   nn.Linear(hidden, embed_dim))
+        self.embed_dim = embed_dim
+
+    @torch.no_grad()
+    def lower(self, values: torch.Tensor, modality: str = "CT") -> torch.Tensor:
+        """``(S, H, W)`` HU (or MR intensities) -> ``(S, in_dim)`` bin shares."""
+        x = values.float()
+        if modality == "CT":
+            edges = self.edges.to(x.device)
+        else:
+            lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 1_000_000)],
+                                    torch.tensor([0.005, 0.995], device=x.device))
+            x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+            edges = torch.linspace(0, 1, len(HU_EDGES) + 1, device=x.device)[1:-1]
+        S = x.shape[0]
+        bins = len(HU_EDGES)
+        out = []
+        for k in self.scales:
+            y = x if k == 1 else nn.functional.avg_pool2d(x[:, None], k)[:, 0]
+            H, W = y.shape[-2:]
+            rows = torch.clamp(torch.arange(H, device=x.device) * self.grid // H, max=self.grid - 1)
+            cols = torch.clamp(torch.arange(W, device=x.device) * self.grid // W, max=self.grid - 1)
+            cell = (rows[:, None] * self.grid + cols[None, :]).flatten()  # (H*W,)
+            b = torch.bucketize(y.reshape(S, -1), edges)  # (S, H*W) in [0, bins)
+            index = cell[None, :] * bins + b
+            counts = torch.zeros(S, self.grid * self.grid * bins, device=x.device)
+            counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+            per_cell = torch.bincount(cell, minlength=self.grid * self.grid).float()
+            out.append(counts / per_cell.repeat_interleave(bins)[None, :])
+        return torch.cat(out, dim=1)  # (S, in_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # square-root shares: a few pixels of a rare material still move the input
+        return self.upper(features.clamp_min(0).sqrt())

@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 from models.labeler import Labeler, RuleLabeler, binary
 from models.phantom import LABELS, PE_LABEL
 
@@ -157,12 +159,34 @@ def agreement(reports: Sequence[Any], labeler: Labeler | None = None) -> dict[st
             "report_head_agreement_studies": whole / n if n else 0.0}
 
 
+def key_slice_hit(case: Any, report: Any, views: Sequence[Any]) -> dict[str, int]:
+    """For a phantom case: whether the top key slice of a (truly and predictedly) positive lung
+    nodule or pulmonary embolism lies within that lesion's z extent (half a slice of slack).
+    Returns ``{label: 1 or 0}`` for the labels that count in this case."""
+    out: dict[str, int] = {}
+    for finding in report.positive:
+        if not finding.key_slices or not case.labels.get(finding.label):
+            continue
+        view, index = finding.key_slices[0]
+        z = float(views[view].z_mm[index])
+        slack = float(np.diff(views[view].z_mm).mean()) / 2 if views[view].num_slices > 1 else 0
+        if finding.label == "Lung nodule" and case.nodules:
+            out[finding.label] = int(any(abs(z - n.center_mm[2]) <= n.diameter_mm / 2 + slack
+                                         for n in case.nodules))
+        elif finding.label == PE_LABEL and case.embolus and "center_mm" in case.embolus:
+            e = case.embolus
+            out[finding.label] = int(abs(z - e["center_mm"][2]) <= e["radius_mm"] + slack)
+    return out
+
+
 def markdown_table(metrics: dict[str, Any], title: str = "Evaluation") -> str:
     """The headline numbers and per-label F1 as Markdown."""
     keys = ["n_studies", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",
             "impression_bleu4", "impression_rouge_l", "ce_precision_macro", "ce_recall_macro",
             "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_f1_micro", "pe_f1",
-            "small_nodule_f1", "nodule_location_accuracy", "distinct_report_share"]
+            "small_nodule_f1", "nodule_location_accuracy", "distinct_report_share",
+            "report_head_agreement", "report_head_agreement_studies", "key_slice_hit_rate",
+            "label_prevalence"]
     lines = [f"## {title}", "", "| metric | value |", "|---|---|"]
     for key in keys:
         if key in metrics:

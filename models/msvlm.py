@@ -30,8 +30,10 @@ class MSVLMConfig:
                                                                    [400.0, 1800.0]])
     # vision tower: "slice" a transformers ViTModel built from these (or loaded from
     # vision_path); "cnn" a convolutional slice encoder (models/cnn.py) keeping small spots by
-    # max pooling; "patch3d" the 3D sub-volume baseline (models/baseline.py) with the same sizes
+    # max pooling; "pyramid" fixed per-cell HU-bin shares at three scales under a trained MLP
+    # (models/cnn.py, the CPU demo's encoder); "patch3d" the 3D sub-volume baseline (models/baseline.py) with the same sizes
     encoder: str = "slice"
+    pyramid_grid: int = 3
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -329,6 +331,10 @@ class MSVLM(nn.Module):
                                    config.patch3d_patch_depth, len(config.ct_windows),
                                    config.vision_hidden, config.vision_layers,
                                    config.vision_heads, config.vision_mlp)
+        elif tower is None and config.encoder == "pyramid":
+            from models.cnn import PyramidSliceEncoder
+
+            tower = PyramidSliceEncoder(config.vision_hidden, config.pyramid_grid)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder
 
@@ -336,7 +342,8 @@ class MSVLM(nn.Module):
                                      config.vision_hidden)
         elif tower is None:
             if config.encoder != "slice":
-                raise ValueError(f"Invalid 'encoder' {config.encoder!r} - slice, cnn or patch3d")
+                raise ValueError(f"Invalid 'encoder' {config.encoder!r} - slice, cnn, pyramid "
+                                 "or patch3d")
             tower = ViTSliceEncoder(config)
         self.vision_tower = tower
         self.z_former = ZFormer(config, int(tower.embed_dim))
@@ -374,12 +381,19 @@ class MSVLM(nn.Module):
         chunks = []
         z = torch.as_tensor(view.z_mm, dtype=torch.float32, device=self.device)
         volumetric = bool(getattr(self.vision_tower, "volumetric", False))
+        raw = bool(getattr(self.vision_tower, "raw_input", False))
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context:
             if volumetric:  # the 3D-patch baseline sees the whole volume at once
                 x = preprocess(view.pixels, view.modality, self.config, self.device)
                 chunks.append(self.vision_tower(x))  # (slabs, Dv)
                 z = self.vision_tower.slab_positions(z)
+            elif raw:  # the tower's fixed lower part reads the values (HU) itself
+                for start in range(0, view.num_slices, self.config.slice_batch):
+                    values = torch.as_tensor(view.pixels[start:start + self.config.slice_batch],
+                                             device=self.device)
+                    chunks.append(self.vision_tower(self.vision_tower.lower(values,
+                                                                            view.modality)))
             else:
                 for start in range(0, view.num_slices, self.config.slice_batch):
                     x = preprocess(view.pixels[start:start + self.config.slice_batch],

@@ -241,6 +241,7 @@ class Trainer:
         self._encoder_hash: str | None = None
         self._pools: dict[str, torch.Tensor] = {}
         self._targets: dict[str, torch.Tensor] = {}
+        self._lower: dict[str, list[tuple[torch.Tensor, EncodedView]]] = {}
         self.probe: dict[str, Any] = {}
         if "findings" in run.stages and not self.config.labels:
             raise ValueError(f"{run.text and 'run file'}: [model] labels: the findings stage "
@@ -408,8 +409,28 @@ class Trainer:
                         batch: int) -> tuple[Any, ...]:
         picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
         chosen = [studies[int(i)] for i in picks]
-        return ([s.load() for s in chosen], torch.stack([self.targets(s) for s in chosen])
-                .to(self.device), int(rng.integers(2**31)))
+        views = [self.lower(s) if self._two_part() else s.load() for s in chosen]
+        return (views, torch.stack([self.targets(s) for s in chosen]).to(self.device),
+                int(rng.integers(2**31)))
+
+    def _two_part(self) -> bool:
+        """Whether the tower has a fixed lower part whose output is cached (so every slice
+        of every view trains the upper part, with gradients)."""
+        return bool(getattr(self.model.vision_tower, "raw_input", False))
+
+    def lower(self, study: StudyItem) -> list[tuple[torch.Tensor, EncodedView]]:
+        """The fixed lower part's features of every view of a study, kept in memory (float16)
+        with the view's placement: ``[(features (S, F), placement), ...]``."""
+        if study.study_id not in self._lower:
+            tower: Any = self.model.vision_tower
+            rows = []
+            for v in study.load():
+                feats = torch.cat([tower.lower(torch.as_tensor(v.pixels[i:i + 64]), v.modality)
+                                   for i in range(0, v.num_slices, 64)])
+                rows.append((feats.half(), EncodedView(torch.empty(0), torch.as_tensor(
+                    v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase)))
+            self._lower[study.study_id] = rows
+        return [(f.to(self.device), e) for f, e in self._lower[study.study_id]]
 
     def _batch_report(self, studies: list[StudyItem], rng: np.random.Generator,
                       batch: int) -> tuple[Any, ...]:
@@ -449,9 +470,16 @@ class Trainer:
             grad_slices = int(self.run.stage["findings"]["grad_slices"])
             pos_weight = self._pos_weight
 
+            two_part = self._two_part()
+
             def findings_loss(model: MSVLM, studies: list[list[Any]], targets: torch.Tensor,
                               seed: int) -> torch.Tensor:
-                encoded = encode_sampled(model, studies, grad_slices, seed)
+                if two_part:  # cached lower features: every slice trains the upper part
+                    encoded = [[EncodedView(model.vision_tower(f.float()), e.z_mm.to(f.device),
+                                            e.modality, e.plane, e.phase) for f, e in views]
+                               for views in studies]
+                else:
+                    encoded = encode_sampled(model, studies, grad_slices, seed)
                 out = model.findings(encoded)
                 return nn.functional.binary_cross_entropy_with_logits(
                     out.logits, targets, pos_weight=pos_weight)
@@ -486,6 +514,10 @@ class Trainer:
         self._stage = stage
         if stage not in ("pretrain", "findings"):
             self._prefill()
+        if stage == "findings" and self._two_part():
+            for study in tqdm(self.data.train + self.data.valid, desc="lower features",
+                              unit="study", disable=not self.main):
+                self.lower(study)
         params, make_batch = self._setup_stage(stage)
         module: nn.Module = _Loss(self.model, self._loss(stage))
         if stage == "pretrain" and hasattr(self, "_mae"):

@@ -151,6 +151,7 @@ class ReportConfig:
     send_to: tuple[str, ...] = ()
     send_back_to_sender: bool = False
     pdf: bool = False
+    key_images: bool = False
 
 
 @dataclass(frozen=True)
@@ -555,10 +556,12 @@ def _pipeline_sections(raw: Mapping[str, Any], cfg_path: Path,
                                  f"{', '.join(sorted(peers)) or 'none'})")
         return tuple(value)
 
-    s = _Section(cfg_path, "report", raw.get("report", {}), {"send_to", "send_back_to_sender", "pdf"})
+    s = _Section(cfg_path, "report", raw.get("report", {}), {"send_to", "send_back_to_sender", "pdf",
+                                                           "key_images"})
     report = ReportConfig(send_to=s.get("send_to", list, (), peer_names),
                           send_back_to_sender=s.get("send_back_to_sender", bool, False),
-                          pdf=s.get("pdf", bool, False))
+                          pdf=s.get("pdf", bool, False),
+                          key_images=s.get("key_images", bool, False))
 
     d2 = DeliveryConfig()
     s = _Section(cfg_path, "delivery", raw.get("delivery", {}),

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import pydicom
 
 from node.selection import Selection, SelectionRules, SeriesInfo, select_series
-from node.sr import CodedFinding, KeyImage, SeriesRead, build_report_sr, statement
+from node.sr import (CodedFinding, KeyImage, SeriesRead, build_key_images, build_report_sr,
+                     statement)
 from storage import classify
 
 
@@ -33,6 +34,8 @@ class Draft:
     timings: dict[str, float] = field(default_factory=dict)
     coded: list[CodedFinding] = field(default_factory=list)
     """The positive findings as coded in the SR, with their key slices."""
+    kos: pydicom.Dataset | None = None
+    """The Key Object Selection document of the key slices (``[report] key_images``)."""
 
 
 def series_infos(headers: Mapping[str, Sequence[pydicom.Dataset]]) -> list[SeriesInfo]:
@@ -83,7 +86,7 @@ def describe_key_image(key: KeyImage) -> str:
 def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]],
                 generator: Any, rules: SelectionRules,
                 device_uid: str, previous: Sequence[pydicom.Dataset] = (),
-                pdf: bool = False) -> Draft:
+                pdf: bool = False, key_images: bool = False) -> Draft:
     """Draft the report of one study.
 
     Parameters
@@ -102,6 +105,8 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
         Earlier SRs of this study (referenced as Predecessor Documents).
     pdf : bool
         Also render an Encapsulated PDF of the report.
+    key_images : bool
+        Also write a Key Object Selection document of the findings' key slices.
 
     Raises
     ------
@@ -151,5 +156,7 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
         document = build_report_pdf(sr, render_pdf(report.findings, report.impression,
                                                    report.model_name, report.model_version,
                                                    statement(read)))
+    kos = build_key_images(coded, report.model_name, report.model_version,
+                           device_uid) if key_images else None
     timings["sr_s"] = time.perf_counter() - start
-    return Draft(report, sr, document, selection, timings, coded)
+    return Draft(report, sr, document, selection, timings, coded, kos)

@@ -46,6 +46,7 @@ class Outcome:
     series_read: str
     timings: dict[str, float]
     peers: Sequence[str]
+    kos: tuple[str, str] | None = None  # (SOP Instance UID, path) of the key-image selection
 
 
 class JobQueue:
@@ -136,8 +137,7 @@ class JobQueue:
                 logger.warning("Job %d: lease lost before it finished; result dropped", job_id)
                 return False
             objects = [(outcome.sr_sop_instance_uid, outcome.sr_path)]
-            if outcome.pdf:
-                objects.append(outcome.pdf)
+            objects += [extra for extra in (outcome.pdf, outcome.kos) if extra]
             for peer in outcome.peers:
                 for sop_uid, path in objects:
                     session.add(Delivery(job_id=job_id, peer=peer, sop_instance_uid=sop_uid,

@@ -66,7 +66,7 @@ def report_study(files: Sequence[Path], config: Config, generator: Any = None,
         index.close()
     return draft_study(series_infos(headers), paths, generator,
                        rules_for(config.selection, generator.card),
-                       device_uid, pdf=config.report.pdf)
+                       device_uid, pdf=config.report.pdf, key_images=config.report.key_images)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -92,6 +92,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         pdf_path = args.out / f"PDF-{draft.pdf.SOPInstanceUID}.dcm"
         draft.pdf.save_as(pdf_path, enforce_file_format=True)
         print(f"PDF -> {pdf_path}")
+    if draft.kos is not None:
+        kos_path = args.out / f"KO-{draft.kos.SOPInstanceUID}.dcm"
+        draft.kos.save_as(kos_path, enforce_file_format=True)
+        print(f"Key images -> {kos_path}")
     findings, impression = sr_text(sr)  # exactly what the SR carries
     print(f"Findings: {findings}\nImpression: {impression}")
     if draft.coded:

@@ -41,7 +41,17 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help='"demo" or a checkpoint folder')
     source.add_argument("--predictions", type=Path,
                         help="CSV with VolumeName, Findings_EN, Impressions_EN")
-    p.add_argument("--data", type=Path, required=True, help="CT-RATE-layout folder")
+    corpus = p.add_mutually_exclusive_group(required=True)
+    corpus.add_argument("--data", type=Path, help="CT-RATE-layout folder")
+    corpus.add_argument("--phantoms", type=int, metavar="N",
+                        help="N phantom studies generated from --phantom-seed (with lesion "
+                             "positions: key-slice hits), scored in every --modes")
+    p.add_argument("--phantom-seed", type=int, default=9,
+                   help="phantom seed (the demo trains on 3 and validates on 4; never tune on "
+                        "the seeds you report)")
+    p.add_argument("--modes", default="all,first,non_contrast,swapped",
+                   help="with --phantoms: all views, the first view, only the non-contrast view, "
+                        "each study's views swapped for the next study's")
     p.add_argument("--split", default=None, help="only this split (default: all)")
     p.add_argument("--out", type=Path, required=True, help="FILE.json (and FILE.md beside it)")
     p.add_argument("--views", choices=["all", "first"], default="all")
@@ -207,7 +217,73 @@ def resolve_checkpoint(value: str, base: Path | None = None) -> Path:
     return path
 
 
+MODES = ("all", "first", "non_contrast", "swapped")
+
+
+def cmd_evaluate_phantoms(args: argparse.Namespace) -> int:
+    """Every mode on the same in-memory phantoms: each study is encoded once and reused."""
+    from models.evaluate import (ReportPair, agreement, evaluate_reports, key_slice_hit,
+                                 markdown_table)
+    from models.generator import ReportGenerator
+    from models.labeler import make_labeler
+    from models.phantom import ALL_LABELS, iter_cases
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or args.phantoms < 2:
+        raise ValueError(f"Invalid --modes {unknown} or --phantoms {args.phantoms} - modes from "
+                         f"{MODES}, at least 2 studies")
+    generator = ReportGenerator.from_pretrained(resolve_checkpoint(args.checkpoint), args.device)
+    cases, encoded = [], []
+    for case in tqdm(iter_cases(args.phantoms, args.phantom_seed), total=args.phantoms,
+                     desc="encode", unit="study"):
+        cases.append(case)
+        encoded.append([generator.encode_slices(v) for v in case.views])
+    labeler = make_labeler(args.labeler)
+    results: dict[str, Any] = {}
+    for mode in modes:
+        pairs, reports, hits = [], [], []
+        for i, case in enumerate(tqdm(cases, desc=mode, unit="study")):
+            if mode == "non_contrast" and case.views[0].phase != "non_contrast":
+                continue  # studies without a non-contrast view do not count here
+            views, enc = case.views, encoded[i]
+            if mode == "swapped":
+                j = (i + 1) % len(cases)
+                views, enc = cases[j].views, encoded[j]
+            elif mode in ("first", "non_contrast"):
+                views, enc = views[:1], enc[:1]
+            report = generator.report(enc)
+            reports.append(report)
+            pairs.append(ReportPair(case.study_id, case.findings, case.impression,
+                                    report.findings, report.impression))
+            if mode != "swapped":
+                hits += list(key_slice_hit(case, report, views).values())
+        metrics = evaluate_reports(pairs, labeler, meteor=not args.no_meteor)
+        metrics.update(agreement(reports, labeler))
+        metrics["key_slice_hit_rate"] = sum(hits) / len(hits) if hits else 0.0
+        metrics["key_slice_cases"] = len(hits)
+        counted = [c for c in cases if mode != "non_contrast" or
+                   c.views[0].phase == "non_contrast"]
+        metrics["label_prevalence"] = sum(sum(c.labels[k] for k in ALL_LABELS[:18])
+                                          for c in counted) / (18 * len(counted))
+        metrics.update({"source": str(args.checkpoint), "views": mode,
+                        "phantom_seed": args.phantom_seed, "model_version": generator.version})
+        results[mode] = metrics
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    table = "\n".join(markdown_table(m, f"{args.checkpoint}: {mode} (phantom seed "
+                                        f"{args.phantom_seed}, {m['n_studies']} studies)")
+                      for mode, m in results.items())
+    args.out.with_suffix(".md").write_text(table)
+    print(table, end="")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.phantoms is not None:
+        if not args.checkpoint:
+            raise ValueError("Invalid --phantoms - score a --checkpoint on them")
+        return cmd_evaluate_phantoms(args)
     from models.ctrate import read_ctrate
     from models.evaluate import ReportPair, evaluate_reports, markdown_table
     from models.labeler import make_labeler

@@ -197,6 +197,43 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
     return sr
 
 
+def build_key_images(coded: Sequence[CodedFinding], model_name: str, model_version: str,
+                     device_uid: str, series_number: int = 9902) -> Dataset | None:
+    """A Key Object Selection document ("Of Interest") referencing the key slices of every
+    positive finding, so viewers that show key images open them directly; None without any."""
+    seen: dict[str, Dataset] = {}
+    for finding in coded:
+        for key in finding.key_images:
+            seen.setdefault(str(key.dataset.SOPInstanceUID), key.dataset)
+    if not seen:
+        return None
+    device = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name=model_name[:64], manufacturer_name=MANUFACTURER,
+            model_name=model_version))
+    labels = ", ".join(f.label for f in coded if f.key_images)
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest, referenced_objects=list(seen.values()),
+        observer_device_context=device,
+        description=f"AI draft key images (unverified): {labels}"[:1024])
+    evidence = list(seen.values())
+    first = copy.deepcopy(evidence[0])
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
+                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
+        if keyword not in first:
+            setattr(first, keyword, "")
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=[first, *evidence[1:]], content=content, series_instance_uid=generate_uid(),
+        series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer=MANUFACTURER)
+    kos.SeriesDescription = f"{SERIES_DESCRIPTION} key images ({model_name})"[:64]
+    charset = evidence[0].get("SpecificCharacterSet")
+    if charset:
+        kos.SpecificCharacterSet = charset
+    return kos
+
+
 def sr_coded_findings(sr: Dataset) -> list[dict[str, object]]:
     """The coded findings read back: concept meaning, laterality, probability, key SOP Instance
     UIDs (what a viewer shows under Findings)."""

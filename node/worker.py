@@ -167,16 +167,18 @@ class Worker:
         collect_s = time.perf_counter() - start
         draft: Draft = draft_study(series, paths, self.generator, self.rules,
                                    self.index.device_uid, previous=self._previous(job),
-                                   pdf=self.config.report.pdf)
+                                   pdf=self.config.report.pdf,
+                                   key_images=self.config.report.key_images)
         start = time.perf_counter()
         sr_path = self._store(draft.sr)
         pdf = (str(draft.pdf.SOPInstanceUID), self._store(draft.pdf)) if draft.pdf else None
+        kos = (str(draft.kos.SOPInstanceUID), self._store(draft.kos)) if draft.kos else None
         timings = {"collect_s": collect_s, **draft.timings,
                    "store_s": time.perf_counter() - start}
         read = "; ".join(f"{s.series_number} {s.plane} {s.phase} ({s.images})"
                          for s in draft.selection.chosen)
         return Outcome(str(draft.sr.SOPInstanceUID), sr_path, pdf, draft.report.model_version,
-                       read, timings, self.destinations(senders))
+                       read, timings, self.destinations(senders), kos)
 
 
 def worker_process(config: Config, log_level: int) -> None:

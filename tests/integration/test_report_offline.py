@@ -152,7 +152,8 @@ def test_sr_codes_the_positive_findings_with_their_key_slices(tmp_path: Path,
                  for p in (tmp_path / "study" / "s1").iterdir()}
     config = write_config(tmp_path, {"storage": {"root": str(tmp_path / "store")},
                                      "model": {"checkpoint": str(head_checkpoint),
-                                               "device": "cpu"}})
+                                               "device": "cpu"},
+                                     "report": {"key_images": True}})
     result = run_cli("report", str(tmp_path / "study"), "--out", str(tmp_path / "out"), "-c",
                      str(config))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -171,6 +172,14 @@ def test_sr_codes_the_positive_findings_with_their_key_slices(tmp_path: Path,
     html = subprocess.run(["/usr/bin/dsr2html", str(sr_path)], capture_output=True, text=True,
                           timeout=60)
     assert html.returncode == 0 and "Cardiomegaly" in html.stdout
+    # the Key Object Selection document references exactly the key slices
+    [kos_path] = list((tmp_path / "out").glob("KO-*.dcm"))
+    kos = pydicom.dcmread(kos_path)
+    assert kos.Modality == "KO" and kos.StudyInstanceUID == study.study_instance_uid
+    keyed = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+             for item in kos.ContentSequence if item.ValueType == "IMAGE"}
+    assert keyed == set(images)
+    assert dciodvfy_errors(kos_path) == []
 
 
 def test_laterality_is_coded_where_the_text_states_it(tmp_path: Path) -> None:
