@@ -1,6 +1,8 @@
 """Side-by-side Markdown table of several ``msvlm-node evaluate`` JSON files.
 
-    .venv/bin/python bench/compare.py NAME=FILE.json [NAME=FILE.json ...]
+    .venv/bin/python bench/compare.py NAME=FILE.json[#MODE] [NAME=FILE.json[#MODE] ...]
+
+``#MODE`` picks one mode of an ``evaluate --phantoms`` file (all, first, non_contrast, swapped).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import sys
 ROWS = ["n_studies", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",
         "impression_bleu4", "impression_rouge_l", "ce_precision_macro", "ce_recall_macro",
         "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_f1_micro", "pe_f1",
-        "small_nodule_f1", "nodule_location_accuracy", "distinct_report_share"]
+        "ce_f1_macro_19", "small_nodule_f1", "nodule_location_accuracy",
+        "distinct_report_share", "report_head_agreement", "report_head_agreement_studies",
+        "key_slice_hit_rate", "label_prevalence"]
 
 
 def main(argv: list[str]) -> int:
@@ -21,8 +25,9 @@ def main(argv: list[str]) -> int:
     runs = {}
     for arg in argv:
         name, _, path = arg.partition("=")
+        path, _, mode = path.partition("#")
         with open(path) as f:
-            runs[name] = json.load(f)
+            runs[name] = json.load(f)[mode] if mode else json.load(f)
     names = list(runs)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in ROWS:

@@ -116,6 +116,9 @@ def evaluate_reports(pairs: Sequence[ReportPair], labeler: Labeler | None = None
     micro = [sum(counts[label][i] for label in present) for i in range(3)]
     (out["ce_precision_micro"], out["ce_recall_micro"], out["ce_f1_micro"]) = _prf(*micro)
     out["pe_f1"] = _prf(*counts[PE_LABEL])[2]
+    with_pe = [per[label][2] for label in present] + (
+        [out["pe_f1"]] if any(r[PE_LABEL] for r in refs) else [])
+    out["ce_f1_macro_19"] = sum(with_pe) / max(len(with_pe), 1)  # the 18 labels + embolism
     out["pe_positive_studies"] = sum(r[PE_LABEL] for r in refs)
 
     small_tp = small_fp = small_fn = 0
@@ -184,6 +187,7 @@ def markdown_table(metrics: dict[str, Any], title: str = "Evaluation") -> str:
     keys = ["n_studies", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",
             "impression_bleu4", "impression_rouge_l", "ce_precision_macro", "ce_recall_macro",
             "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_f1_micro", "pe_f1",
+            "ce_f1_macro_19",
             "small_nodule_f1", "nodule_location_accuracy", "distinct_report_share",
             "report_head_agreement", "report_head_agreement_studies", "key_slice_hit_rate",
             "label_prevalence"]

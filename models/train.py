@@ -5,21 +5,22 @@ Stages, each resumable from its own state and skipped once done:
 1. ``pretrain``  self-supervised vision tower: MAE (transformers ``ViTMAEForPreTraining``, then
    the weights serve the encoding ``ViTModel``) for the slice ViT; masked 3D-patch modelling for
    the baseline encoder.
-2. ``findings``  the finding head, trained end to end with the slice encoder and the Z-former
-   (class-balanced BCE on study labels): every slice is encoded without gradients, then a
-   sampled subset per view (half the slices the head attends to most, half at random) is
-   encoded again with gradients, so the encoder learns from the slices that matter within a CPU
+2. ``mem``       Z-former masked embedding modelling (mask 0.3, L1) on cached slice embeddings.
+3. ``findings``  the finding head, trained end to end with the slice encoder and the Z-former
+   (class-balanced BCE on study labels). A two-part encoder (``pyramid``) caches its fixed lower
+   part once and every slice trains the rest; any other encoder encodes every slice without
+   gradients, then a sampled subset per view (half the slices the head attends to most, half at
+   random) again with gradients, so the encoder learns from the slices that matter within a CPU
    budget. Decision thresholds are then tuned on the validation split and stored in the config,
-   and a linear probe (``models.probe``) of every stage's features is written to
-   ``probe.json`` and the model card. Afterwards encoder, Z-former and head stay frozen.
-3. ``mem``       Z-former masked embedding modelling (mask 0.3, L1) on cached slice embeddings.
+   and a linear probe (``models.probe``) of every stage's features is written to the
+   run log, ``stages/findings/done.json`` and the model card. Afterwards encoder, Z-former and head stay frozen.
 4. ``align``     resampler + projector (+ label tokens) on report generation, the rest frozen.
 5. ``finetune``  report generation: resampler, projector, label tokens and the LM (full for small
    LMs, LoRA when the model config sets ``lora``); the Z-former too when there is no head.
    A findings-conditioned model reads the true labels here (flipped with ``label_noise``) and
    its own decisions at inference, so its sentences follow its structured findings.
 
-After stage 1 (or 2) the vision tower is frozen, so slice embeddings are computed once and cached on disk
+After stage 1 (or 3) the vision tower is frozen, so slice embeddings are computed once and cached on disk
 under ``cache/<data fingerprint>-<encoder hash>/``: a changed encoder never reuses stale ones.
 Data order depends only on (seed, stage, step), so a resumed run follows the same loss curve.
 Under ``torchrun`` the same command trains with DDP (gloo on CPU, NCCL on GPU).
@@ -49,7 +50,9 @@ from models.report import encode_targets, format_report, special_ids, train_toke
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "findings", "mem", "align", "finetune")
+STAGES = ("pretrain", "mem", "findings", "align", "finetune")
+STAGE_SEEDS = {"pretrain": 0, "findings": 1, "mem": 2, "align": 3, "finetune": 4}
+"""Each stage's part of the data-order seed (fixed, so reordering stages changes no run)."""
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
@@ -89,6 +92,9 @@ class RunConfig:
         for s in stages:
             if s not in STAGES:
                 raise ValueError(f"{path}: [run] stages: {s!r} is not one of {STAGES}")
+        if stages != sorted(stages, key=STAGES.index):
+            raise ValueError(f"{path}: [run] stages: {stages} must keep the order {STAGES} "
+                             "(a stage never retrains what a later one builds on)")
         stage = {}
         for s in STAGES:
             values = {**STAGE_DEFAULTS[s], **COMMON, **raw.get(s, {})}
@@ -244,8 +250,8 @@ class Trainer:
         self._lower: dict[str, list[tuple[torch.Tensor, EncodedView]]] = {}
         self.probe: dict[str, Any] = {}
         if "findings" in run.stages and not self.config.labels:
-            raise ValueError(f"{run.text and 'run file'}: [model] labels: the findings stage "
-                             "needs the label list")
+            raise ValueError("Invalid run file - [model] labels: the findings stage needs the "
+                             "label list")
 
     # -- study labels -----------------------------------------------------------------------------
     def targets(self, study: StudyItem) -> torch.Tensor:
@@ -277,7 +283,7 @@ class Trainer:
         return load_tokenizer(folder)
 
     def _rng(self, stage: str, step: int) -> np.random.Generator:
-        return np.random.default_rng([self.run.seed, STAGES.index(stage), step])
+        return np.random.default_rng([self.run.seed, STAGE_SEEDS[stage], step])
 
     # -- embeddings cache ---------------------------------------------------------------------------
     def _cache_dir(self) -> Path:
@@ -601,12 +607,18 @@ class Trainer:
             torch.distributed.barrier()
 
     def _load_weights(self, path: Path) -> None:
-        self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """A finished stage's weights; label tokens may differ (a report-only ablation reuses
+        the findings stage of a findings-conditioned run), nothing else may."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        other = [k for k in [*missing, *unexpected] if not k.startswith("label_tokens.")]
+        if other:
+            raise RuntimeError(f"{path}: weights do not match the model: {other[:5]}")
 
     @torch.no_grad()
     def _validate(self, stage: str) -> float:
         studies = self.data.valid or self.data.train
-        rng = np.random.default_rng([self.run.seed, 99, STAGES.index(stage)])
+        rng = np.random.default_rng([self.run.seed, 99, STAGE_SEEDS[stage]])
         module = _Loss(self.model, self._loss(stage))
         self.model.eval()
         if stage == "pretrain" and hasattr(self, "_mae"):

@@ -69,10 +69,24 @@ def report_study(files: Sequence[Path], config: Config, generator: Any = None,
                        device_uid, pdf=config.report.pdf, key_images=config.report.key_images)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def offline_config(args: argparse.Namespace) -> Config:
+    """The ``-c`` file, else the default file where one exists, else built-in defaults (the
+    demo checkpoint; the device identity kept in ``$XDG_DATA_HOME/msvlm-node``): reporting one
+    study offline needs no configuration."""
     from node.cli import _config
+    from node.config import default_config_path, parse_config
 
-    config = _config(args)
+    if args.config or default_config_path().exists():
+        return _config(args)
+    root = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    logger.info("No config file (%s): built-in defaults, device identity in %s",
+                default_config_path(), root / "msvlm-node")
+    return parse_config({"storage": {"root": str(root / "msvlm-node")}},
+                        Path("(built-in defaults)"))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = offline_config(args)
     if config.model.threads:
         import torch
 

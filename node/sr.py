@@ -78,6 +78,27 @@ class CodedFinding:
     key_images: tuple[KeyImage, ...] = ()
 
 
+def _device(device_uid: str, model_name: str, model_version: str) -> hd.sr.ObserverContext:
+    """The device observer (TID 1004): the node's device UID, name = model name, model name =
+    model version."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name=model_name[:64], manufacturer_name=MANUFACTURER,
+            model_name=model_version))
+
+
+def _with_type2(ds: Dataset) -> Dataset:
+    """A copy of the first evidence header with the type 2 patient/study attributes highdicom
+    copies present (empty where the images lack them)."""
+    first = copy.deepcopy(ds)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
+                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
+        if keyword not in first:
+            setattr(first, keyword, "")
+    return first
+
+
 def _coded_finding(finding: CodedFinding) -> hd.sr.CodeContentItem:
     """CODE (Finding = concept), laterality, probability and IMAGE items for its key slices."""
     concept = FINDING_CODES.get(finding.label) or hd.sr.CodedConcept(
@@ -140,11 +161,7 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
     studies = {str(ds.StudyInstanceUID) for ds in evidence}
     if len(studies) != 1:
         raise ValueError(f"Invalid 'evidence' - instances of {len(studies)} studies")
-    device = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=model_name[:64], manufacturer_name=MANUFACTURER,
-            model_name=model_version))
+    device = _device(device_uid, model_name, model_version)
     root = hd.sr.ContainerContentItem(
         name=hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report"),
         template_id="2000")
@@ -178,11 +195,7 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
     # highdicom refuses some valid multi-valued character sets (ISO 2022 with an empty first
     # value); it builds the SR in UTF-8 and the patient's own set is put back afterwards, so the
     # names copied from the evidence are written in the character set they came in.
-    first = copy.deepcopy(evidence[0])  # type 2 study/patient attributes may be absent
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
-        if keyword not in first:
-            setattr(first, keyword, "")
+    first = _with_type2(evidence[0])
     sr = hd.sr.ComprehensiveSR(
         evidence=[first, *evidence[1:]], content=root, specific_character_set="ISO_IR 192",
         series_instance_uid=series_instance_uid or generate_uid(), series_number=series_number,
@@ -207,22 +220,14 @@ def build_key_images(coded: Sequence[CodedFinding], model_name: str, model_versi
             seen.setdefault(str(key.dataset.SOPInstanceUID), key.dataset)
     if not seen:
         return None
-    device = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=model_name[:64], manufacturer_name=MANUFACTURER,
-            model_name=model_version))
+    device = _device(device_uid, model_name, model_version)
     labels = ", ".join(f.label for f in coded if f.key_images)
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest, referenced_objects=list(seen.values()),
         observer_device_context=device,
         description=f"AI draft key images (unverified): {labels}"[:1024])
     evidence = list(seen.values())
-    first = copy.deepcopy(evidence[0])
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
-        if keyword not in first:
-            setattr(first, keyword, "")
+    first = _with_type2(evidence[0])
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=[first, *evidence[1:]], content=content, series_instance_uid=generate_uid(),
         series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1,

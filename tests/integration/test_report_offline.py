@@ -201,3 +201,21 @@ def test_laterality_is_coded_where_the_text_states_it(tmp_path: Path) -> None:
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+def test_report_needs_no_config_file(tmp_path: Path) -> None:
+    """A fresh user: no -c, no /etc file, no $MSVLM_NODE_CONFIG file; built-in defaults and the
+    shipped demo checkpoint write the draft, its structured findings printed."""
+    case = generate_case(80, phases=("non_contrast",), slices=40, prevalence=0.0,
+                         force={"Cardiomegaly": True})
+    study = StudyInfo("1.2.826.0.1.3680043.10.1452.80", "PH80")
+    write_ct_series(tmp_path / "study" / "s1", case.views[0].pixels, case.views[0].z_mm,
+                    case.views[0].pixel_spacing_mm, "axial", "non_contrast", study, 1)
+    env = {"MSVLM_NODE_CONFIG": str(tmp_path / "absent.toml"),
+           "XDG_DATA_HOME": str(tmp_path / "data")}
+    result = run_cli("report", str(tmp_path / "study"), "--out", str(tmp_path / "out"),
+                     env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Structured findings" in result.stdout and "Cardiomegaly" in result.stdout
+    assert len(list((tmp_path / "out").glob("SR-*.dcm"))) == 1
+    assert (tmp_path / "data" / "msvlm-node").is_dir()  # the device identity is kept there

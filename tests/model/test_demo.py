@@ -31,6 +31,11 @@ def test_demo_checkpoint_is_small_and_documented(demo: ReportGenerator) -> None:
         card["training"]["data"]["source"] == "phantoms"
     assert "ce_f1_macro" in card["metrics"]
     assert len(demo.version) == 16
+    # what was frozen when, the supervision, thresholds and the probe are on record
+    assert card["frozen"] and "findings" in card["frozen"][0]
+    assert card["probe"]["verdict"] in ("learned", "FAILED")
+    assert set(card["finding_thresholds"]) == set(card["labels"]) and len(card["labels"]) == 19
+    assert "no lesion positions" in card["training"]["supervision"]
 
 
 def test_scope_is_read_from_the_card(demo: ReportGenerator) -> None:
@@ -40,7 +45,8 @@ def test_scope_is_read_from_the_card(demo: ReportGenerator) -> None:
 
 
 REGRESSION_SEED = 9001
-REGRESSION_LABELS: set[str] = set()  # a normal study: the demo model detects no finding reliably
+# large findings the demo detects reliably (validation F1 1.0); the case is otherwise normal
+REGRESSION_LABELS = {"Cardiomegaly", "Pleural effusion", "Medical material"}
 
 
 def test_report_for_a_fixed_case_carries_its_labels(demo: ReportGenerator) -> None:
@@ -52,4 +58,7 @@ def test_report_for_a_fixed_case_carries_its_labels(demo: ReportGenerator) -> No
     assert {k for k, v in found.items() if v} == {k for k, v in truth.items() if v}, report.text
     assert report.findings and report.impression
     assert report.model_version == demo.version
+    # the structured result says the same as the text, with key slices for what it found
+    assert {f.label for f in report.positive} == REGRESSION_LABELS
+    assert all(f.key_slices and 0 <= f.key_slices[0][1] < 80 for f in report.positive)
     assert np.isfinite(report.timings["encode_s"])
