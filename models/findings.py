@@ -82,13 +82,27 @@ def key_slices(attention: torch.Tensor, lengths: list[int], k: int) -> list[tupl
     return sorted(out, key=lambda row: -row[2])
 
 
-def tune_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> list[float]:
+NEVER = 1.01
+"""The threshold of a label the head cannot see: no probability reaches it."""
+
+
+def tune_thresholds(probabilities: torch.Tensor, targets: torch.Tensor,
+                    min_auroc: float = 0.0) -> list[float]:
     """Per label the threshold that maximises F1 on ``(n, N)`` probabilities and 0/1 targets
-    (a label with no positive keeps 0.5)."""
+    (a label with no positive keeps 0.5).
+
+    For a label whose AUROC on these data is below ``min_auroc`` the F1-best threshold is "call
+    everyone positive" (F1 about 2p/(1+p) with no information); such a label gets ``NEVER``
+    instead, so drafts do not state a finding the model cannot see."""
+    from models.probe import auroc
+
     out = []
     for j in range(probabilities.shape[1]):
         p, y = probabilities[:, j], targets[:, j].bool()
         best, best_t = -1.0, 0.5
+        if y.any() and min_auroc > 0 and auroc(p.numpy(), y.long().numpy()) < min_auroc:
+            out.append(NEVER)
+            continue
         if y.any():
             for t in torch.unique(p).tolist():
                 pred = p >= t

@@ -160,7 +160,14 @@ class ReportGenerator:
         times = dict(timings or {})
         times["generate_s"] = time.perf_counter() - start
         return Report(findings, impression, self.name, self.version, times, per_view,
-                      structured)
+                      structured, self.not_assessed)
+
+    @property
+    def not_assessed(self) -> list[str]:
+        """Labels whose stored threshold no probability reaches (validation AUROC below the
+        run's ``min_auroc``): the drafts never state them, and say so."""
+        config = self.model.config
+        return [label for label, t in zip(config.labels, config.finding_thresholds) if t > 1.0]
 
     def generate(self, views: Sequence[View], max_new_tokens: int | None = None) -> Report:
         """Encode every view and write the report."""

@@ -37,6 +37,8 @@ class Report:
     """Per view, the resampler's mean attention on each slice (key-slice evidence)."""
     structured: list[Finding] = field(default_factory=list)
     """The finding head's answer per label (empty for a checkpoint without a head)."""
+    not_assessed: list[str] = field(default_factory=list)
+    """Labels the checkpoint never states positive (its head cannot see them)."""
 
     @property
     def positive(self) -> list[Finding]:

@@ -56,7 +56,7 @@ STAGE_SEEDS = {"pretrain": 0, "findings": 1, "mem": 2, "align": 3, "finetune": 4
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
-                 "probe_studies": 300},
+                 "probe_studies": 300, "min_auroc": 0.0},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
@@ -651,7 +651,8 @@ class Trainer:
         self.reset_cache()  # the encoder changed: embeddings are computed anew
         studies = self.data.valid or self.data.train
         probs, targets = self._head_outputs(studies)
-        self.config.finding_thresholds = tune_thresholds(probs, targets)
+        self.config.finding_thresholds = tune_thresholds(
+            probs, targets, float(self.run.stage["findings"]["min_auroc"]))
         head = head_scores(probs, targets, self.config.finding_thresholds, self.config.labels)
         logger.info("Finding head on the validation split (thresholds tuned there): macro F1 "
                     "%.3f, AUROC %.3f", head["macro_f1"], head["auroc"])

@@ -148,14 +148,14 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
     coded = coded_findings(report, headers)
     sr = build_report_sr(report.findings, report.impression, report.model_name,
                          report.model_version, device_uid, evidence, read, previous=previous,
-                         coded=coded)
+                         coded=coded, not_assessed=report.not_assessed)
     document = None
     if pdf:
         from node.pdf import build_report_pdf, render_pdf
 
         document = build_report_pdf(sr, render_pdf(report.findings, report.impression,
                                                    report.model_name, report.model_version,
-                                                   statement(read)))
+                                                   statement(read, report.not_assessed)))
     kos = build_key_images(coded, report.model_name, report.model_version,
                            device_uid) if key_images else None
     timings["sr_s"] = time.perf_counter() - start

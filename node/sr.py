@@ -135,19 +135,22 @@ class SeriesRead:
     images: int
 
 
-def statement(series: Sequence[SeriesRead]) -> str:
+def statement(series: Sequence[SeriesRead], not_assessed: Sequence[str] = ()) -> str:
     parts = [f"series {s.series_number if s.series_number is not None else '?'}"
              f" ({s.description or 'no description'}; {s.plane}, {s.phase.replace('_', ' ')}, "
              f"{s.images} images)" for s in series]
-    return ("Draft written by an AI model from " + "; ".join(parts) + ". Unverified: to be "
-            "reviewed and verified by a radiologist.")
+    blind = (f" Not assessed by this model (never reported, whatever the images show): "
+             f"{', '.join(label.lower() for label in not_assessed)}." if not_assessed else "")
+    return ("Draft written by an AI model from " + "; ".join(parts) + "." + blind +
+            " Unverified: to be reviewed and verified by a radiologist.")
 
 
 def build_report_sr(findings: str, impression: str, model_name: str, model_version: str,
                     device_uid: str, evidence: Sequence[Dataset], series_read: Sequence[SeriesRead],
                     previous: Sequence[Dataset] = (), series_number: int = 9901,
                     series_instance_uid: str | None = None,
-                    coded: Sequence[CodedFinding] = ()) -> Dataset:
+                    coded: Sequence[CodedFinding] = (),
+                    not_assessed: Sequence[str] = ()) -> Dataset:
     """Build the SR; ``evidence`` are the headers of every instance that was read; ``coded``
     the positive findings of the model's head, each a CODE item under Findings.
 
@@ -179,7 +182,7 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
         relationship_type="CONTAINS")
     procedure.ContentSequence = [hd.sr.TextContentItem(  # type: ignore[assignment]
         name=hd.sr.CodedConcept("121065", "DCM", "Procedure Description"),
-        value=statement(series_read), relationship_type="CONTAINS")]
+        value=statement(series_read, not_assessed), relationship_type="CONTAINS")]
     language = hd.sr.LanguageOfContentItemAndDescendants(
         language=hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)"))
     context = hd.sr.ObservationContext(observer_device_context=device)

@@ -172,6 +172,9 @@ def test_sr_codes_the_positive_findings_with_their_key_slices(tmp_path: Path,
     html = subprocess.run(["/usr/bin/dsr2html", str(sr_path)], capture_output=True, text=True,
                           timeout=60)
     assert html.returncode == 0 and "Cardiomegaly" in html.stdout
+    # a label no probability can reach is named as not assessed, in the SR the reader opens
+    assert "Not assessed by this model (never reported, whatever the images show): lung " \
+        "nodule." in html.stdout.replace("\n", " ")
     # the Key Object Selection document references exactly the key slices
     [kos_path] = list((tmp_path / "out").glob("KO-*.dcm"))
     kos = pydicom.dcmread(kos_path)
