@@ -22,19 +22,24 @@ from tests.conftest import MR_TS_DIR, ODD_DIR, run_cli, samples_or_skip, write_c
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ckpt")
-    tokenizer = train_tokenizer(["Findings: Lungs are clear.\nImpression: Normal."] * 3, 300)
-    model = build_tiny(tokenizer, image_size=32, patch_size=8, vision_hidden=32,
-                       vision_layers=1, z_hidden=32, z_layers=1, num_queries=4,
-                       max_new_tokens=12,
-                       lm_config={"hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 1, "num_attention_heads": 2,
-                                  "num_key_value_heads": 2, "max_position_embeddings": 256})
-    save_checkpoint(model.eval(), tokenizer, out, {"name": "tiny-test", "modalities": ["CT"],
+def tiny_checkpoint(out: Path, name: str, report: str, **overrides: Any) -> Path:
+    """Save a tiny untrained model (a CT-chest model card) into ``out``."""
+    tokenizer = train_tokenizer([report] * 3, 300)
+    model = build_tiny(tokenizer, **{
+        "image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1,
+        "z_hidden": 32, "z_layers": 1, "num_queries": 4, "max_new_tokens": 12,
+        "lm_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "num_key_value_heads": 2,
+                      "max_position_embeddings": 256}, **overrides})
+    save_checkpoint(model.eval(), tokenizer, out, {"name": name, "modalities": ["CT"],
                                                    "body_parts": ["CHEST"]})
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny-test",
+                           "Findings: Lungs are clear.\nImpression: Normal.")
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -126,20 +131,13 @@ def test_previous_report_is_referenced(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def head_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint with a finding head whose thresholds make both labels positive."""
-    out = tmp_path_factory.mktemp("head-ckpt")
-    tokenizer = train_tokenizer(["Findings: The heart is enlarged.\nImpression: Cardiomegaly."]
-                                * 3, 300)
-    model = build_tiny(tokenizer, encoder="cnn", cnn_channels=[8, 16], image_size=32,
-                       vision_hidden=32, z_hidden=32, z_layers=1, num_queries=4,
-                       labels=["Cardiomegaly", "Lung nodule"], head_heads=2,
-                       finding_thresholds=[0.0, 1.1], key_slices=2, max_new_tokens=12,
-                       lm_config={"hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 1, "num_attention_heads": 2,
-                                  "num_key_value_heads": 2, "max_position_embeddings": 256})
-    save_checkpoint(model.eval(), tokenizer, out, {"name": "tiny-head", "modalities": ["CT"],
-                                                   "body_parts": ["CHEST"]})
-    return out
+    """A tiny checkpoint with a finding head: threshold 0 makes cardiomegaly positive, 1.1
+    keeps the nodule negative (not assessed)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("head-ckpt"), "tiny-head",
+                           "Findings: The heart is enlarged.\nImpression: Cardiomegaly.",
+                           encoder="cnn", cnn_channels=[8, 16], labels=["Cardiomegaly",
+                                                                        "Lung nodule"],
+                           head_heads=2, finding_thresholds=[0.0, 1.1], key_slices=2)
 
 
 def test_sr_codes_the_positive_findings_with_their_key_slices(tmp_path: Path,

@@ -113,15 +113,15 @@ def test_findings_stage_learns_large_findings(tmp_path: Path) -> None:
         "model": {"encoder": "pyramid", "vision_hidden": 32, "z_hidden": 32, "z_layers": 1,
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": LABELS,
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
-        "findings": {"steps": 100, "batch": 8, "lr": 3e-3, "eval_every": 50,
+        "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
                      "probe_studies": 24}}, tmp_path / "run.toml")
-    data = phantom_dataset(40, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
+    data = phantom_dataset(64, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
     trainer = Trainer(run, data)
     trainer.run_stage("findings")
     done = (tmp_path / "ckpt" / "stages" / "findings" / "done.json").read_text()
     assert '"thresholds"' in done and len(trainer.config.finding_thresholds) == 2
-    curve = trainer.curves["findings"]["val_loss"]
-    assert curve[-1] < curve[0]
+    losses = trainer.curves["findings"]["loss"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
     probs, targets = trainer._head_outputs(data.valid)
     from models.probe import auroc
 
