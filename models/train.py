@@ -684,6 +684,7 @@ class Trainer:
                 seq = m.z_former(emb, meta, z, valid)
                 key_valid = torch.cat([valid.new_ones(1, G), valid], dim=1)
                 res = m.resampler(seq, key_valid)
+                projected = m.multi_modal_projector(res)[0]
                 views = s.load()
                 rand = torch.cat([random_model.encode_slices(v).embeddings for v in views])
                 e, tokens = emb[0], seq[0, G:]
@@ -696,8 +697,7 @@ class Trainer:
                        "resampler queries, mean+max": torch.cat(
                            [res[0].mean(0), res[0].amax(0)]).cpu().numpy(),
                        "projector output, mean+max": torch.cat(
-                           [m.multi_modal_projector(res)[0].mean(0),
-                            m.multi_modal_projector(res)[0].amax(0)]).cpu().numpy()}
+                           [projected.mean(0), projected.amax(0)]).cpu().numpy()}
                 for key, value in row.items():
                     feats.setdefault(key, {}).setdefault(split, []).append(value)
         y = {split: torch.stack([self.targets(s) for s in studies]).numpy()
