@@ -9,31 +9,27 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from node import __version__
-from node.config import Config, ConfigError, default_config_path, load_config
+from node.config import Config, ConfigError, load_config
 
 logger = logging.getLogger("node")
-
-
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config if args.config else default_config_path())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import Node
 
-    Node(_config(args)).serve()
+    Node(load_config(args.config)).serve()
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    print(_config(args).to_toml(), end="")
+    print(load_config(args.config).to_toml(), end="")
     return 0
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from node.scu import echo, resolve_target
 
-    config = _config(args)
+    config = load_config(args.config)
     target = resolve_target(config, args.target, args.called_ae_title)
     status, seconds = echo(config, target)
     where = f"{target.ae_title}@{target.host}:{target.port}"
@@ -49,7 +45,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from node.scu import resolve_target, send
 
-    config = _config(args)
+    config = load_config(args.config)
     target = resolve_target(config, args.to, args.called_ae_title)
     summary = send(config, target, args.paths)
     for path, reason in summary.failures:
@@ -69,7 +65,7 @@ def _open_index(config: Config):  # type: ignore[no-untyped-def]
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    index = _open_index(_config(args))
+    index = _open_index(load_config(args.config))
     rows = index.studies()
     print(f"{'STUDY INSTANCE UID':<64}  {'MOD':<6} {'SER':>3} {'INST':>6}  {'PLANES':<18} "
           f"{'PHASES':<26} {'LAST RECEIVED (UTC)':<19}  STATE")
@@ -82,7 +78,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_series(args: argparse.Namespace) -> int:
-    index = _open_index(_config(args))
+    index = _open_index(load_config(args.config))
     rows = index.series(args.study_instance_uid)
     if not rows:
         print(f"No study {args.study_instance_uid!r} in the index")
@@ -97,7 +93,7 @@ def cmd_series(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    index = _open_index(_config(args))
+    index = _open_index(load_config(args.config))
     indexed, removed = index.rebuild()
     print(f"Reindexed {indexed} file(s); removed {removed} row(s) whose file is gone")
     return 0

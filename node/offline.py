@@ -73,11 +73,10 @@ def offline_config(args: argparse.Namespace) -> Config:
     """The ``-c`` file, else the default file where one exists, else built-in defaults (the
     demo checkpoint; the device identity kept in ``$XDG_DATA_HOME/msvlm-node``): reporting one
     study offline needs no configuration."""
-    from node.cli import _config
-    from node.config import default_config_path, parse_config
+    from node.config import default_config_path, load_config, parse_config
 
     if args.config or default_config_path().exists():
-        return _config(args)
+        return load_config(args.config)
     root = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     logger.info("No config file (%s): built-in defaults, device identity in %s",
                 default_config_path(), root / "msvlm-node")

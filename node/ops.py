@@ -9,7 +9,7 @@ import signal
 import threading
 from typing import Any
 
-from node.config import Config
+from node.config import Config, load_config
 
 
 def _queue(config: Config) -> Any:
@@ -22,13 +22,12 @@ def _queue(config: Config) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from node.cli import _config
     from node.worker import Worker
 
-    worker = Worker(_config(args))
-    stop = threading.Event()
+    stop = threading.Event()  # before the model loads: a SIGTERM while loading is a clean stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = Worker(load_config(args.config))
     try:
         worker.run(stop)
     finally:
@@ -37,9 +36,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from node.cli import _config
 
-    rows = _queue(_config(args)).jobs(args.limit)
+    rows = _queue(load_config(args.config)).jobs(args.limit)
     print(f"{'JOB':>5}  {'STATE':<8} {'TRY':>3}  {'CREATED (UTC)':<19}  {'STUDY INSTANCE UID':<64}"
           "  RESULT")
     for job, study_uid in rows:
@@ -56,11 +54,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from node.cli import _config
     from storage.schema import DeliveryState
 
     state = DeliveryState(args.state) if args.state else None
-    rows = _queue(_config(args)).deliveries(args.limit, state)
+    rows = _queue(load_config(args.config)).deliveries(args.limit, state)
     print(f"{'ID':>5} {'JOB':>5}  {'PEER':<16} {'STATE':<8} {'TRY':>3}  {'NEXT TRY (UTC)':<19}  "
           "LAST ERROR")
     for d in rows:
@@ -72,21 +69,19 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from node.cli import _config
 
     if not (args.ids or args.job or args.dead):
         print("msvlm-node: name delivery IDs, --job JOB or --dead")
         return 2
-    count = _queue(_config(args)).resend(args.ids, args.job or (), args.dead)
+    count = _queue(load_config(args.config)).resend(args.ids, args.job or (), args.dead)
     print(f"Queued {count} deliver{'y' if count == 1 else 'ies'} again; the running node sends "
           "them within seconds")
     return 0 if count else 1
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from node.cli import _config
 
-    count = _queue(_config(args)).requeue(args.ids)
+    count = _queue(load_config(args.config)).requeue(args.ids)
     print(f"Queued {count} failed job(s) again; the running node's workers take them within "
           "seconds")
     return 0 if count == len(set(args.ids)) else 1

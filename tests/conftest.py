@@ -1,4 +1,5 @@
-"""Shared fixtures: configs in tmp folders, nodes in-process and as a subprocess, sample paths."""
+"""Shared fixtures: configs in tmp folders, nodes in-process and as a subprocess, DICOM samples
+(built here always; the real ones beside the repository when present)."""
 
 from __future__ import annotations
 
@@ -15,23 +16,36 @@ import pytest
 
 from node.config import Config, load_config
 
+from tests.samples import SHARED, Samples, build_samples, shared_samples
+
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared" / "dicom-samples"
-CT_DIR = SAMPLES / "ct-abdomen-tcia"
-MR_TS_DIR = SAMPLES / "mr-transfer-syntaxes"
-ODD_DIR = SAMPLES / "odd-files"
 MSVLM_NODE = str(Path(sys.executable).with_name("msvlm-node"))
 DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "echoscu", "storescp")}
 
 
-def samples_or_skip(folder: Path) -> Path:
-    if not folder.is_dir():
-        pytest.skip(f"shared samples not found at {folder}")
-    return folder
+@pytest.fixture(scope="session")
+def built_samples(tmp_path_factory: pytest.TempPathFactory) -> Samples:
+    """CT, MR in every claimed transfer syntax, odd files: built from phantoms (a few seconds)."""
+    return build_samples(tmp_path_factory.mktemp("samples"))
 
 
-def ct_files() -> list[Path]:
-    return sorted(samples_or_skip(CT_DIR).glob("*.dcm"))
+@pytest.fixture(scope="session", params=["built", "shared"])
+def samples(request: pytest.FixtureRequest, built_samples: Samples) -> Samples:
+    """Each test that takes it runs on the built set and, where present, on the real files."""
+    if request.param == "built":
+        return built_samples
+    real = shared_samples()
+    if real is None:
+        pytest.skip(f"real samples not found at {SHARED} (set MSVLM_SAMPLES)")
+    return real
+
+
+@pytest.fixture(scope="session")
+def real_samples() -> Samples:
+    real = shared_samples()
+    if real is None:
+        pytest.skip(f"real samples not found at {SHARED} (set MSVLM_SAMPLES)")
+    return real
 
 
 def dcmtk(name: str) -> str:

@@ -17,7 +17,8 @@ from node.sr import sr_text
 from storage.files import FileStore
 from storage.index import Index
 from storage.schema import DeliveryState, JobState
-from tests.conftest import MR_TS_DIR, MSVLM_NODE, run_cli, samples_or_skip, write_phantom_study
+from tests.conftest import MSVLM_NODE, run_cli, write_phantom_study
+from tests.samples import Samples
 from tests.integration.test_report_offline import dciodvfy_errors
 from tests.peers import Orthanc, StoreSCP, storescu, wait_for
 
@@ -126,20 +127,20 @@ def test_study_becomes_a_draft_sr_at_orthanc_and_storescp(tmp_path: Path, make_c
 
 
 def test_sr_only_and_mr_studies_start_no_report(tmp_path: Path, make_config: Any,
-                                                serve: Any) -> None:
+                                                serve: Any, built_samples: Samples) -> None:
     # the node receives; the model runs in a worker started on its own (as on a GPU machine)
     config = pipeline_config(make_config, worker={"processes": 0})
     serve(config)
     worker = subprocess.Popen([MSVLM_NODE, "worker", "-c", str(config.path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        check_sr_only_and_mr(tmp_path, config)
+        check_sr_only_and_mr(tmp_path, config, built_samples.mr_files[0])
     finally:
         worker.terminate()
         assert worker.wait(timeout=30) == 0  # SIGTERM: a clean stop
 
 
-def check_sr_only_and_mr(tmp_path: Path, config: Config) -> None:
+def check_sr_only_and_mr(tmp_path: Path, config: Config, mr_file: Path) -> None:
     # SR objects only (for instance our own drafts echoed back by a PACS): no job
     header = pydicom.dcmread(write_phantom_study(tmp_path / "ct", 32)[0],
                              stop_before_pixels=True)
@@ -153,8 +154,8 @@ def check_sr_only_and_mr(tmp_path: Path, config: Config) -> None:
         sr.save_as(srs / f"sr{n}.dcm", enforce_file_format=True)
     storescu(config.node.port, srs)
     # an MR study under the demo checkpoint (chest CT only): refused with a stored reason
-    storescu(config.node.port, samples_or_skip(MR_TS_DIR) / "1.dcm")
-    mr_study = str(pydicom.dcmread(sorted(MR_TS_DIR.glob("*.dcm"))[0]).StudyInstanceUID)
+    storescu(config.node.port, mr_file)
+    mr_study = str(pydicom.dcmread(mr_file, stop_before_pixels=True).StudyInstanceUID)
     [job] = wait_for(lambda: finished(config, mr_study), what="the MR job")
     assert job.state == JobState.FAILED and job.attempts == 1
     assert job.error.startswith("not reported: no eligible series")

@@ -17,7 +17,8 @@ from models.labeler import stated_side
 from node.sr import (CodedFinding, KeyImage, SeriesRead, build_report_sr, sr_coded_findings,
                      sr_text)
 from storage.volumes import StudyInfo, write_ct_series
-from tests.conftest import MR_TS_DIR, ODD_DIR, run_cli, samples_or_skip, write_config
+from tests.conftest import run_cli, write_config
+from tests.samples import CHARSET_FILES, Samples
 
 pytestmark = pytest.mark.integration
 
@@ -92,10 +93,11 @@ def test_offline_report_writes_a_valid_draft_sr(tmp_path: Path, checkpoint: Path
     assert html.returncode == 0 and "Diagnostic Imaging Report" in html.stdout
 
 
-def test_mr_study_is_refused_with_a_reason(tmp_path: Path, checkpoint: Path) -> None:
+def test_mr_study_is_refused_with_a_reason(samples: Samples, tmp_path: Path,
+                                           checkpoint: Path) -> None:
     folder = tmp_path / "mr"
     folder.mkdir()
-    for f in sorted(samples_or_skip(MR_TS_DIR).glob("*.dcm"))[:2]:
+    for f in samples.mr_files[:2]:
         shutil.copy(f, folder / f.name)
     config = write_config(tmp_path, {"storage": {"root": str(tmp_path / "store")},
                                      "model": {"checkpoint": str(checkpoint), "device": "cpu"}})
@@ -105,22 +107,22 @@ def test_mr_study_is_refused_with_a_reason(tmp_path: Path, checkpoint: Path) -> 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["chrArab.dcm", "chrH31.dcm", "chrJapMulti.dcm"])
-def test_sr_keeps_the_patients_character_set(tmp_path: Path, name: str) -> None:
-    header = pydicom.dcmread(samples_or_skip(ODD_DIR) / name, stop_before_pixels=True)
-    sr = build_report_sr("No acute findings.", "Normal.", "tiny", "0123456789abcdef",
-                         "1.2.826.0.1.3680043.10.1452.5", [header],
-                         [SeriesRead(header.SeriesInstanceUID, 1, "", "axial", "unknown", 1)])
-    assert sr.SpecificCharacterSet == header.SpecificCharacterSet
-    path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    again = pydicom.dcmread(path)
-    assert again.PatientName == header.PatientName
-    assert dciodvfy_errors(path) == []
+def test_sr_keeps_the_patients_character_set(samples: Samples, tmp_path: Path) -> None:
+    for name in CHARSET_FILES:
+        header = pydicom.dcmread(samples.odd_dir / name, stop_before_pixels=True)
+        sr = build_report_sr("No acute findings.", "Normal.", "tiny", "0123456789abcdef",
+                             "1.2.826.0.1.3680043.10.1452.5", [header],
+                             [SeriesRead(header.SeriesInstanceUID, 1, "", "axial", "unknown", 1)])
+        assert sr.SpecificCharacterSet == header.SpecificCharacterSet, name
+        path = tmp_path / name
+        sr.save_as(path, enforce_file_format=True)
+        again = pydicom.dcmread(path)
+        assert again.PatientName == header.PatientName, name
+        assert dciodvfy_errors(path) == [], name
 
 
-def test_previous_report_is_referenced(tmp_path: Path) -> None:
-    header = pydicom.dcmread(samples_or_skip(ODD_DIR) / "chrArab.dcm", stop_before_pixels=True)
+def test_previous_report_is_referenced(built_samples: Samples) -> None:
+    header = pydicom.dcmread(built_samples.odd_dir / "chrArab.dcm", stop_before_pixels=True)
     read = [SeriesRead(header.SeriesInstanceUID, 1, "", "axial", "unknown", 1)]
     first = build_report_sr("A.", "B.", "tiny", "0" * 16, "1.2.3.4", [header], read)
     second = build_report_sr("C.", "D.", "tiny", "0" * 16, "1.2.3.4", [header], read, [first])

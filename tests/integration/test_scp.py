@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,9 +17,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.config import Config
 from node.service import Node, wait_for_index
-from tests.conftest import (
-    MR_TS_DIR, ODD_DIR, copy_series, ct_files, dcmtk, samples_or_skip,
-)
+from tests.conftest import copy_series, dcmtk
+from tests.samples import CHARSET_FILES, STORESCU_PROPOSE, Samples, transfer_syntax
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +51,15 @@ def test_echo_pynetdicom_and_dcmtk(make_config: Callable[..., Config],
     assert result.returncode == 0, result.stderr
 
 
-def test_real_ct_series_twice_is_134_instances_one_axial_series(
-        make_config: Callable[..., Config], start_node: Callable[..., Node]) -> None:
-    files = ct_files()
+@pytest.fixture
+def ct_file(built_samples: Samples) -> Path:
+    return built_samples.ct_files[0]
+
+
+def test_ct_series_twice_is_134_instances_one_axial_series(
+        samples: Samples, make_config: Callable[..., Config],
+        start_node: Callable[..., Node]) -> None:
+    files = samples.ct_files
     assert len(files) == 134
     node = start_node(make_config())
     for _ in range(2):
@@ -74,40 +80,51 @@ def test_real_ct_series_twice_is_134_instances_one_axial_series(
     assert {i.calling_ae_title for i in instances} == {"STORESCU"}
     assert {i.source_address for i in instances} == {"127.0.0.1"} or all(
         a.startswith("127.0.0.1:") for a in {i.source_address for i in instances})
-    # stored as received: byte-identical data set
+    # stored as received: byte-identical data set (at least its second half, pixels included)
     original = files[0].read_bytes()
     stored = [i for i in instances
               if i.sop_instance_uid == pydicom.dcmread(files[0]).SOPInstanceUID][0]
     stored_bytes = (node.config.storage.root / stored.path).read_bytes()
-    assert stored_bytes.endswith(original[-400_000:])
+    assert stored_bytes.endswith(original[-min(400_000, len(original) // 2):])
 
 
-def test_nine_transfer_syntaxes_stored_and_decoded_identically(
-        make_config: Callable[..., Config], start_node: Callable[..., Node]) -> None:
-    files = sorted(samples_or_skip(MR_TS_DIR).glob("*.dcm"))
-    assert len(files) == 9
+def test_every_transfer_syntax_stored_as_sent_and_decoded(
+        samples: Samples, make_config: Callable[..., Config],
+        start_node: Callable[..., Node]) -> None:
+    files = samples.mr_files
+    syntaxes = {transfer_syntax(f) for f in files}
+    if samples.kind == "shared":  # the real set: two files each of JPEG Lossless SV1, JPEG-LS
+        assert len(files) == 9 and len(syntaxes) == 7
+    elif os.access("/usr/bin/dcmcjpeg", os.X_OK):  # every syntax the conformance statement claims
+        assert len(files) == len(syntaxes) == 13
     node = start_node(make_config())
-    # dcmtk's option that proposes each file's own transfer syntax (no conversion)
-    propose = {"1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2": "-xi",
-               "1.2.840.10008.1.2.2": "-xb", "1.2.840.10008.1.2.5": "-xr",
-               "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt",
-               "1.2.840.10008.1.2.4.90": "-xv"}
-    for f in files:  # one association each
-        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        result = storescu(node, f, extra=(propose[ts],))
-        assert result.returncode == 0, result.stderr
-    assert node.index is not None and wait_for_index(node.index, 9)
+    for f in files:  # one association each, proposing the file's own syntax (no conversion)
+        option = STORESCU_PROPOSE[transfer_syntax(f)]
+        if option is None:  # no storescu option (JPEG Lossless Process 14): pynetdicom sends
+            ds = pydicom.dcmread(f)
+            ae = AE(ae_title="STORESCU")
+            ae.add_requested_context(ds.SOPClassUID, [transfer_syntax(f)])
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="MSVLM")
+            assert assoc.is_established and assoc.send_c_store(ds).Status == 0, f.name
+            assoc.release()
+        else:
+            result = storescu(node, f, extra=(option,))
+            assert result.returncode == 0, (f.name, result.stderr)
+    assert node.index is not None and wait_for_index(node.index, len(files))
     [study] = node.index.studies()
     [series] = node.index.series(study.study_instance_uid)
     instances = node.index.instances(series.series_instance_uid)
-    syntaxes = {i.transfer_syntax_uid for i in instances}
-    assert syntaxes == {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-                        for f in files}
-    assert len(syntaxes) == 7  # two files each of JPEG Lossless SV1 and JPEG-LS lossless
-    reference = pydicom.dcmread(files[0]).pixel_array
+    assert {i.transfer_syntax_uid for i in instances} == syntaxes  # stored as received
+    reference = pydicom.dcmread(files[0]).pixel_array.astype(np.float64)
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.name
+              for f in files}
     for instance in instances:
         pixels = pydicom.dcmread(node.config.storage.root / instance.path).pixel_array
-        np.testing.assert_array_equal(pixels, reference)
+        name = by_uid[instance.sop_instance_uid]
+        if name in samples.lossy:  # lossy syntaxes: the same image, within the codec's error
+            assert np.corrcoef(pixels.ravel(), reference.ravel())[0, 1] > 0.99, name
+        else:
+            np.testing.assert_array_equal(pixels, reference, err_msg=name)
 
 
 def test_policy_rejections(make_config: Callable[..., Config],
@@ -155,8 +172,8 @@ def test_max_associations(make_config: Callable[..., Config],
     third.release()
 
 
-def _ct_dataset(**changes: str) -> pydicom.Dataset:
-    ds = pydicom.dcmread(ct_files()[0])
+def _ct_dataset(path: Path, **changes: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(path)
     for key, value in changes.items():
         setattr(ds, key, value)
     return ds
@@ -164,7 +181,7 @@ def _ct_dataset(**changes: str) -> pydicom.Dataset:
 
 def test_bad_uids_refused_and_nothing_written_outside_root(
         make_config: Callable[..., Config], start_node: Callable[..., Node],
-        tmp_path: Path) -> None:
+        tmp_path: Path, ct_file: Path) -> None:
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     node = start_node(make_config())
     before = {p for p in tmp_path.parent.rglob("*")}
@@ -172,7 +189,7 @@ def test_bad_uids_refused_and_nothing_written_outside_root(
     for changes in ({"StudyInstanceUID": "../../../../x"},
                     {"SeriesInstanceUID": "1.2/../../../y"},
                     {"StudyInstanceUID": "1." + "2" * 70}):
-        rsp = assoc.send_c_store(_ct_dataset(**changes))
+        rsp = assoc.send_c_store(_ct_dataset(ct_file, **changes))
         assert rsp.Status == 0xC210, changes
         assert "Invalid" in rsp.ErrorComment
     assert assoc.send_c_echo().Status == 0
@@ -185,8 +202,9 @@ def test_bad_uids_refused_and_nothing_written_outside_root(
 
 
 def test_odd_files_each_answered_and_node_keeps_serving(
-        make_config: Callable[..., Config], start_node: Callable[..., Node]) -> None:
-    files = sorted(samples_or_skip(ODD_DIR).glob("*.dcm"))
+        samples: Samples, make_config: Callable[..., Config],
+        start_node: Callable[..., Node]) -> None:
+    files = samples.odd_files
     assert len(files) == 6
     node = start_node(make_config())
     for f in files:
@@ -209,8 +227,8 @@ def test_odd_files_each_answered_and_node_keeps_serving(
         echo.release()
     assert node.index is not None and wait_for_index(node.index, 6)
     # the non-ASCII patient names survive byte for byte
-    for name in ("chrArab.dcm", "chrH31.dcm", "chrJapMulti.dcm"):
-        original = pydicom.dcmread(ODD_DIR / name)
+    for name in CHARSET_FILES:
+        original = pydicom.dcmread(samples.odd_dir / name)
         [instance] = [i for s in node.index.studies() for se in node.index.series(
             s.study_instance_uid) for i in node.index.instances(se.series_instance_uid)
             if i.sop_instance_uid == original.SOPInstanceUID]
@@ -219,10 +237,10 @@ def test_odd_files_each_answered_and_node_keeps_serving(
         assert stored.SpecificCharacterSet == original.SpecificCharacterSet
 
 
-def test_dcmtk_odd_files_with_storescu(make_config: Callable[..., Config],
+def test_dcmtk_odd_files_with_storescu(samples: Samples, make_config: Callable[..., Config],
                                        start_node: Callable[..., Node]) -> None:
     node = start_node(make_config())
-    for f in sorted(samples_or_skip(ODD_DIR).glob("*.dcm")):
+    for f in samples.odd_files:
         result = storescu(node, f, extra=("-R", "+f") if "NoMeta" in f.name else ("-R",))
         # storescu exits 0 when the store completed with any status it could read
         assert "Association Request Failed" not in result.stderr, (f.name, result.stderr)
@@ -234,10 +252,10 @@ def test_dcmtk_odd_files_with_storescu(make_config: Callable[..., Config],
 @pytest.mark.parametrize("policy, status, kept", [
     ("keep", 0x0000, "first"), ("reject", 0x0111, "first"), ("overwrite", 0x0000, "second")])
 def test_duplicate_policy(make_config: Callable[..., Config], start_node: Callable[..., Node],
-                          policy: str, status: int, kept: str) -> None:
+                          policy: str, status: int, kept: str, ct_file: Path) -> None:
     node = start_node(make_config(storage={"duplicate_policy": policy}))
-    first = _ct_dataset()
-    second = _ct_dataset(SeriesDescription="CHANGED")
+    first = _ct_dataset(ct_file)
+    second = _ct_dataset(ct_file, SeriesDescription="CHANGED")
     assoc = associate(node, contexts=[CTImageStorage])
     assert assoc.send_c_store(first).Status == 0
     assert assoc.send_c_store(first).Status == 0  # identical bytes: always a no-op Success
@@ -254,10 +272,11 @@ def test_duplicate_policy(make_config: Callable[..., Config], start_node: Callab
 
 
 def test_low_disk_answers_a700_and_keeps_serving(make_config: Callable[..., Config],
-                                                 start_node: Callable[..., Node]) -> None:
+                                                 start_node: Callable[..., Node],
+                                                 ct_file: Path) -> None:
     node = start_node(make_config(storage={"min_free_bytes": 2**62}))
     assoc = associate(node, contexts=[CTImageStorage])
-    rsp = assoc.send_c_store(_ct_dataset())
+    rsp = assoc.send_c_store(_ct_dataset(ct_file))
     assert rsp.Status == 0xA700
     assert assoc.send_c_echo().Status == 0
     assoc.release()
@@ -265,14 +284,14 @@ def test_low_disk_answers_a700_and_keeps_serving(make_config: Callable[..., Conf
 
 
 def test_unwritable_spool_answers_a7xx(make_config: Callable[..., Config],
-                                       start_node: Callable[..., Node]) -> None:
+                                       start_node: Callable[..., Node], ct_file: Path) -> None:
     node = start_node(make_config())
     incoming = node.config.storage.root / "incoming"
     incoming.rename(incoming.with_name("incoming-moved"))
     incoming.write_text("not a folder")  # rename into it fails with ENOTDIR
     try:
         assoc = associate(node, contexts=[CTImageStorage])
-        rsp = assoc.send_c_store(_ct_dataset())
+        rsp = assoc.send_c_store(_ct_dataset(ct_file))
         assert 0xA700 <= rsp.Status <= 0xA7FF
         assert assoc.send_c_echo().Status == 0
         assoc.release()
@@ -282,8 +301,9 @@ def test_unwritable_spool_answers_a7xx(make_config: Callable[..., Config],
 
 
 def test_four_senders_at_once(make_config: Callable[..., Config],
-                              start_node: Callable[..., Node], tmp_path: Path) -> None:
-    files = ct_files()[:20]
+                              start_node: Callable[..., Node], tmp_path: Path,
+                              built_samples: Samples) -> None:
+    files = built_samples.ct_files[:20]
     folders = [tmp_path / f"series{i}" for i in range(4)]
     for i, folder in enumerate(folders):
         copy_series(files, folder, str(i))
@@ -300,7 +320,8 @@ def test_four_senders_at_once(make_config: Callable[..., Config],
 
 
 def test_sop_instance_uid_mismatch_answers_a900(make_config: Callable[..., Config],
-                                                start_node: Callable[..., Node]) -> None:
+                                                start_node: Callable[..., Node],
+                                                ct_file: Path) -> None:
     from io import BytesIO
 
     from pynetdicom.dimse_primitives import C_STORE
@@ -308,7 +329,7 @@ def test_sop_instance_uid_mismatch_answers_a900(make_config: Callable[..., Confi
 
     node = start_node(make_config())
     assoc = associate(node, contexts=[CTImageStorage])
-    ds = _ct_dataset()
+    ds = _ct_dataset(ct_file)
     request = C_STORE()
     request.MessageID = 7
     request.AffectedSOPClassUID = CTImageStorage

@@ -16,12 +16,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from node.config import Config
-from tests.conftest import MSVLM_NODE, ROOT, ServeProcess, ct_files, dcmtk, run_cli, wait_port
+from tests.conftest import MSVLM_NODE, ROOT, ServeProcess, dcmtk, run_cli, wait_port
+from tests.samples import Samples
 
 pytestmark = pytest.mark.integration
-
-STUDY_UID = "1.3.6.1.4.1.14519.5.2.1.21087345762211724523378497892240459677"
-
 
 def wait_for_instances(config: Config, count: int, timeout_s: float = 60) -> str:
     deadline = time.monotonic() + timeout_s
@@ -34,9 +32,9 @@ def wait_for_instances(config: Config, count: int, timeout_s: float = 60) -> str
     raise AssertionError(f"index never showed {count} instances:\n{out}")
 
 
-def test_console_script_end_to_end(make_config: Callable[..., Config],
+def test_console_script_end_to_end(samples: Samples, make_config: Callable[..., Config],
                                    serve: Callable[[Config], ServeProcess]) -> None:
-    files = ct_files()
+    files = samples.ct_files
     config = make_config(node={"receive_processes": 2, "accept_unknown_peers": False},
                          peers__ct={"ae_title": "CT01", "host": "127.0.0.1", "port": 104})
     proc = serve(config)
@@ -52,8 +50,8 @@ def test_console_script_end_to_end(make_config: Callable[..., Config],
                             env={"TCP_NODELAY": "1"})
     assert result.returncode == 0, result.stderr
     studies = wait_for_instances(config, 134)
-    assert STUDY_UID in studies and "axial" in studies and "CT" in studies
-    series = run_cli("series", "-c", str(config.path), STUDY_UID)
+    assert samples.ct_study_uid in studies and "axial" in studies and "CT" in studies
+    series = run_cli("series", "-c", str(config.path), samples.ct_study_uid)
     assert series.returncode == 0
     assert "axial" in series.stdout and "134" in series.stdout and "CHEST" in series.stdout
 
@@ -75,7 +73,7 @@ def test_console_script_end_to_end(make_config: Callable[..., Config],
 
 def test_send_and_echo_commands_between_two_nodes(
         make_config: Callable[..., Config], serve: Callable[[Config], ServeProcess],
-        tmp_path: Path) -> None:
+        tmp_path: Path, built_samples: Samples) -> None:
     receiver_cfg = make_config()
     serve(receiver_cfg)
     sender_dir = tmp_path / "sender"
@@ -88,7 +86,7 @@ def test_send_and_echo_commands_between_two_nodes(
         f"port = {receiver_cfg.node.port}\n")
     echo = run_cli("echo", "archive", "-c", str(sender_cfg_path))
     assert echo.returncode == 0 and "Success" in echo.stdout
-    files = ct_files()[:10]
+    files = built_samples.ct_files[:10]
     junk = tmp_path / "notes.txt"
     junk.write_text("not DICOM")
     sent = run_cli("send", *map(str, files), str(junk), "--to", "archive",
@@ -102,8 +100,9 @@ def test_send_and_echo_commands_between_two_nodes(
 
 
 def test_sigkill_mid_ingest_loses_nothing_acknowledged(
-        make_config: Callable[..., Config], serve: Callable[[Config], ServeProcess]) -> None:
-    files = ct_files()
+        make_config: Callable[..., Config], serve: Callable[[Config], ServeProcess],
+        built_samples: Samples) -> None:
+    files = built_samples.ct_files
     config = make_config(node={"receive_processes": 2})
     proc = serve(config)
     acknowledged: list[str] = []

@@ -1,4 +1,5 @@
-"""Plane, phase and localizer classification on real headers (and variants of them)."""
+"""Plane, phase and localizer classification on real headers where present, else built ones
+(and variants of them)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ import pytest
 from pydicom.dataset import Dataset
 
 from storage import classify
-from tests.conftest import CT_DIR, MR_TS_DIR, samples_or_skip
+from tests.samples import Samples, shared_samples
+
+
+def header(path: object) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 @pytest.fixture(scope="module")
-def ct() -> Dataset:
-    return pydicom.dcmread(samples_or_skip(CT_DIR) / "1-001.dcm", stop_before_pixels=True)
+def ct(built_samples: Samples) -> Dataset:
+    """The base of the variants: the real CT's first header where present, else the built one."""
+    return header((shared_samples() or built_samples).ct_files[0])
 
 
 @pytest.fixture(scope="module")
-def mr() -> Dataset:
-    return pydicom.dcmread(samples_or_skip(MR_TS_DIR) / "1.dcm", stop_before_pixels=True)
+def mr(built_samples: Samples) -> Dataset:
+    return header((shared_samples() or built_samples).mr_files[0])
 
 
 def variant(ds: Dataset, **values: object) -> Dataset:
@@ -33,7 +39,8 @@ def variant(ds: Dataset, **values: object) -> Dataset:
     return out
 
 
-def test_real_ct_is_axial_unknown_phase_not_localizer(ct: Dataset) -> None:
+def test_real_ct_is_axial_unknown_phase_not_localizer(real_samples: Samples) -> None:
+    ct = header(real_samples.ct_files[0])
     assert classify.plane(ct) is classify.Plane.AXIAL
     # no contrast/bolus module and a description without phase words: not guessed
     assert classify.phase(ct) == "unknown"
@@ -41,10 +48,19 @@ def test_real_ct_is_axial_unknown_phase_not_localizer(ct: Dataset) -> None:
     assert classify.position_along_normal(ct) == pytest.approx(484.91)
 
 
-def test_real_mr_tilted_axial_epi_is_other(mr: Dataset) -> None:
+def test_real_mr_tilted_axial_epi_is_other(real_samples: Samples) -> None:
+    mr = header(real_samples.mr_files[0])
     # orientation tilted ~6 degrees from axial; EPI with TR 3000 / TE 30: no T1/T2/FLAIR/DWI
     assert classify.plane(mr) is classify.Plane.AXIAL
     assert classify.phase(mr) == "other"
+
+
+def test_built_ct_is_axial_non_contrast_and_mr_tilted_epi_is_other(
+        built_samples: Samples) -> None:
+    ct, mr = header(built_samples.ct_files[0]), header(built_samples.mr_files[0])
+    assert classify.plane(ct) is classify.Plane.AXIAL and classify.phase(ct) == "non_contrast"
+    assert not classify.is_localizer(ct)
+    assert classify.plane(mr) is classify.Plane.AXIAL and classify.phase(mr) == "other"
 
 
 @pytest.mark.parametrize("iop, plane", [
