@@ -6,6 +6,7 @@ gets the same report whichever way it arrives.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from node.selection import Selection, SelectionRules, SeriesInfo, select_series
 from node.sr import (CodedFinding, KeyImage, SeriesRead, build_key_images, build_report_sr,
                      statement)
 from storage import classify
+
+logger = logging.getLogger(__name__)
 
 
 class ReportError(ValueError):
@@ -114,7 +117,7 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
         No eligible series, or an unreadable volume; the message is the stored reason.
     """
     from models.view import View
-    from storage.volumes import read_series
+    from storage.volumes import VolumeError, read_series
 
     timings: dict[str, float] = {}
     selection = select_series(series, rules)
@@ -127,20 +130,18 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
     start = time.perf_counter()
     for s in selection.chosen:
         try:
-            volume = read_series(paths[s.series_instance_uid])
+            volumes = read_series(paths[s.series_instance_uid])
+        except VolumeError as exc:  # the data's fault: permanent; OSError propagates (retried)
+            logger.debug("Series %s: %s", s.series_instance_uid, exc.detail)
+            raise ReportError(f"series {s.series_number}: unreadable volume ({exc})") from None
+        for volume in volumes:  # one view per volume (several multi-frame objects: several)
             views.append(View(volume.pixels, volume.z_mm, volume.pixel_spacing_mm,
                               volume.modality, volume.plane, volume.phase,
                               volume.series_instance_uid))
-        except (ValueError, KeyError, AttributeError, NotImplementedError, RuntimeError,
-                pydicom.errors.InvalidDicomError) as exc:
-            # content problems (geometry, a missing tag, no codec for the pixel data) are
-            # permanent; OSError propagates and is retried
-            raise ReportError(f"series {s.series_number}: unreadable volume "
-                              f"({type(exc).__name__}: {exc})") from None
+            evidence += volume.headers
+            headers.append(volume.headers)
         read.append(SeriesRead(s.series_instance_uid, s.series_number, s.description, s.plane,
                                s.phase, s.images))
-        evidence += volume.headers
-        headers.append(volume.headers)
     timings["load_s"] = time.perf_counter() - start
     report = generator.generate(views)
     timings.update(report.timings)

@@ -122,9 +122,8 @@ def dicom_dataset(root: Path, valid_fraction: float) -> Any:
         def load(groups: dict[str, list[Path]] = by_series) -> list[View]:
             views = []
             for paths in groups.values():
-                v = read_series(paths)
-                views.append(View(v.pixels, v.z_mm, v.pixel_spacing_mm, v.modality, v.plane,
-                                  v.phase, v.series_instance_uid))
+                views += [View(v.pixels, v.z_mm, v.pixel_spacing_mm, v.modality, v.plane,
+                               v.phase, v.series_instance_uid) for v in read_series(paths)]
             return views
 
         digest = int(hashlib.sha256(patient.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF

@@ -87,8 +87,9 @@ class Worker:
         except ReportError as exc:
             self.queue.fail(job.id, self.owner, f"not reported: {exc}", permanent=True)
         except Exception as exc:  # noqa: BLE001 - stored; retried up to max_attempts
-            logger.exception("Job %d raised", job.id)
-            self.queue.fail(job.id, self.owner, f"{type(exc).__name__}: {exc}", permanent=False)
+            reason = failure_reason(exc)
+            logger.debug("Job %d: technical detail", job.id, exc_info=True)
+            self.queue.fail(job.id, self.owner, reason, permanent=False)
         else:
             if self.queue.succeed(job.id, self.owner, outcome):
                 logger.info("Job %d done: SR %s to %s (%s)", job.id,
@@ -179,6 +180,18 @@ class Worker:
                          for s in draft.selection.chosen)
         return Outcome(str(draft.sr.SOPInstanceUID), sr_path, pdf, draft.report.model_version,
                        read, timings, self.destinations(senders), kos)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A retried failure in words for the jobs list (the exception itself goes to the debug
+    log): the disk, the index, or an internal error."""
+    if isinstance(exc, OSError):
+        return f"a file could not be read or written ({exc.strerror or 'I/O error'})"
+    if type(exc).__module__.startswith("sqlalchemy"):
+        return "the index database could not be reached"
+    if isinstance(exc, MemoryError):
+        return "out of memory while drafting"
+    return "internal error while drafting (details in the node's debug log)"
 
 
 def worker_process(config: Config, log_level: int) -> None:

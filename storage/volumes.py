@@ -8,6 +8,8 @@ builds from them. Reading goes through highdicom's volume API.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +17,7 @@ from typing import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_description, dictionary_has_tag, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -173,77 +176,177 @@ def _stack_slices(ordered: Sequence[Dataset],
     return pixels, z
 
 
-def _check_stacked_along_normal(datasets: Sequence[Dataset]) -> None:
+ORIENTATION_TOLERANCE_DEG = 0.05
+"""Slices whose row and column directions differ from the series' most common orientation by
+at most this angle are one volume, read with that orientation: exporters round direction
+cosines differently per slice (jitter at the 1e-5 level is ~0.001 degrees)."""
+
+
+class VolumeError(ValueError):
+    """A series that cannot be read as a volume. ``str()`` is the reason a radiographer reads
+    (stored for the job); ``detail`` is the technical cause, for the debug log."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail or reason
+
+
+def _keyword_name(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return dictionary_description(tag) if tag is not None else keyword
+
+
+def readable_reason(exc: BaseException) -> str:
+    """What went wrong reading a series, in words for the person at the scanner: which DICOM
+    attribute is missing, that pixel data is truncated or cannot be decoded; never a Python
+    exception text."""
+    text = str(exc)
+    if isinstance(exc, VolumeError):
+        return text
+    if isinstance(exc, pydicom.errors.InvalidDicomError):
+        return "a file is not DICOM"
+    if isinstance(exc, MemoryError):
+        return "the series is too large to load into memory"
+    if "pixel data is less than expected" in text or "doesn't match the expected length" in text:
+        return "the pixel data is shorter than the image size (a truncated or damaged file)"
+    if isinstance(exc, NotImplementedError) or any(
+            word in text.lower() for word in ("decod", "codec", "plugin")):
+        return "the pixel data cannot be decoded (an unsupported or damaged compressed image)"
+    tag = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", text)
+    if tag:
+        value = int(tag.group(1) + tag.group(2), 16)
+        name = dictionary_description(value) if dictionary_has_tag(value) else "an attribute"
+        return (f"a required DICOM attribute is missing or invalid: {name} "
+                f"({tag.group(1).upper()},{tag.group(2).upper()})")
+    for word in re.findall(r"[A-Z][A-Za-z]+", text):
+        if tag_for_keyword(word) is not None:
+            return f"a required DICOM attribute is missing or invalid: {_keyword_name(word)}"
+    if isinstance(exc, ValueError) and re.fullmatch(r"[A-Z][a-z][\w ,'-]+\.?", text):
+        return f"the images do not form one volume ({text.rstrip('.').lower()})"
+    return "the images cannot be read as a volume"
+
+
+def _common_orientation(datasets: Sequence[Dataset]) -> list[float]:
+    """The series' most common Image Orientation (Patient), written into every slice when all
+    lie within :data:`ORIENTATION_TOLERANCE_DEG` of it; several real orientations are refused."""
+    found = [tuple(float(v) for v in ds.ImageOrientationPatient) for ds in datasets]
+    common = Counter(found).most_common(1)[0][0]
+    ref = np.array(common).reshape(2, 3)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    worst = 0.0
+    for iop in set(found):
+        vectors = np.array(iop).reshape(2, 3)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        cosines = np.clip(np.sum(vectors * ref, axis=1), -1.0, 1.0)
+        worst = max(worst, float(np.degrees(np.arccos(cosines)).max()))
+    if worst > ORIENTATION_TOLERANCE_DEG:
+        raise VolumeError(f"not a volume: slices of several orientations (up to {worst:.1f} "
+                          f"degrees apart)")
+    for ds in datasets:
+        ds.ImageOrientationPatient = list(common)
+    return list(common)
+
+
+def _check_stacked_along_normal(datasets: Sequence[Dataset], iop: Sequence[float]) -> None:
     """Refuse slices that advance sideways (gantry tilt, shear): the volume would be skewed."""
-    iops = {tuple(round(float(v), 4) for v in ds.ImageOrientationPatient) for ds in datasets}
-    if len(iops) != 1:
-        raise ValueError("Invalid series - not a volume (slices of several orientations)")
-    iop = np.array(iops.pop())
-    normal = np.cross(iop[:3], iop[3:])
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
     points = np.array(sorted((np.array(ds.ImagePositionPatient, dtype=np.float64)
                               for ds in datasets), key=lambda p: float(p @ normal)))
     steps = np.diff(points, axis=0)
     sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
     if len(steps) and sideways.max() > 0.01 + 0.01 * np.abs(steps @ normal).max():
-        raise ValueError("Invalid series - not a volume (slices are not stacked along their "
-                         "normal: gantry tilt or shear)")
+        raise VolumeError("not a volume: slices are not stacked along their normal (gantry "
+                          "tilt or shear)")
 
 
-def read_series(paths: Sequence[str | Path]) -> SeriesVolume:
-    """Read one series (single-frame images, or one enhanced multi-frame image) as a volume
-    ordered along its normal, through highdicom's volume API (compressed syntaxes decoded by
-    pydicom's codecs).
+def read_series(paths: Sequence[str | Path]) -> list[SeriesVolume]:
+    """Read one series as volumes ordered along their normal, through highdicom's volume API
+    (compressed syntaxes decoded by pydicom's codecs): its single-frame images as one volume,
+    and each multi-frame object (enhanced CT/MR, several per series on some scanners) as a
+    volume of its own.
 
     Raises
     ------
-    ValueError
+    VolumeError
         Files of several series, mixed orientations or sizes, repeated positions, a gantry tilt
-        (slices not stacked along their normal) or several multi-frame objects; the message is
-        the reason stored for the job.
+        (slices not stacked along their normal), a missing attribute, pixel data that is
+        truncated or cannot be decoded; the message is the reason stored for the job, the
+        technical cause is in ``detail``.
     """
-    datasets = [pydicom.dcmread(p) for p in paths]
-    if not datasets:
-        raise ValueError("Invalid series - no files")
-    uids = {str(ds.SeriesInstanceUID) for ds in datasets}
-    if len(uids) != 1:
-        raise ValueError(f"Invalid series - files of {len(uids)} series")
-    first = datasets[0]
-    frames = int(first.get("NumberOfFrames", 1) or 1)
-    if frames > 1 or "PerFrameFunctionalGroupsSequence" in first:
-        if len(datasets) != 1:
-            raise ValueError(f"Invalid series - {len(datasets)} multi-frame objects in one series")
-        try:
-            volume = hd.Image.from_dataset(first).get_volume(dtype=np.float32)
-        except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"Invalid series - multi-frame image is not a volume ({exc})") from None
-        pixels, z = _along_normal(volume)
-        spacing = volume.pixel_spacing
-        ordered = datasets
-    else:
-        found = [classify.position_along_normal(ds) for ds in datasets]
-        if any(p is None for p in found):
-            raise ValueError("Invalid series - a slice lacks position or orientation")
-        positions = np.array(found, dtype=np.float64)
-        if len(np.unique(positions.round(4))) != len(positions):
-            raise ValueError("Invalid series - repeated slice positions")
-        order = np.argsort(positions)
-        ordered = [datasets[i] for i in order]
-        shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-        if len(shapes) != 1:
-            raise ValueError(f"Invalid series - slices of sizes {sorted(shapes)}")
-        _check_stacked_along_normal(datasets)
-        try:
-            volume = hd.get_volume_from_series(datasets, dtype=np.float32)
-            pixels, z = _along_normal(volume)
-        except ValueError as exc:
-            if "regularly-spaced" not in str(exc):
-                raise ValueError(f"Invalid series - not a volume ({exc})") from None
-            pixels, z = _stack_slices(ordered, positions[order])  # irregular spacing
-        spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+    try:
+        datasets = [pydicom.dcmread(p) for p in paths]
+        if not datasets:
+            raise VolumeError("no files")
+        uids = {str(ds.SeriesInstanceUID) for ds in datasets}
+        if len(uids) != 1:
+            raise VolumeError(f"files of {len(uids)} series")
+        multiframe = [ds for ds in datasets if _is_multiframe(ds)]
+        single = [ds for ds in datasets if not _is_multiframe(ds)]
+        volumes = [_read_multiframe(ds) for ds in multiframe]
+        if single:
+            volumes.insert(0, _read_single_frames(single))
+        return volumes
+    except VolumeError:
+        raise
+    except OSError:
+        raise  # the disk, not the data: the job is retried
+    except Exception as exc:  # noqa: BLE001 - anything the data provokes gets a readable reason
+        raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _volume(pixels: np.ndarray, z: np.ndarray, spacing: Sequence[float],
+            ordered: Sequence[Dataset]) -> SeriesVolume:
+    first = ordered[0]
     for ds in ordered:  # the volume holds the pixels now; keep light headers only
         if "PixelData" in ds:
             del ds.PixelData
     return SeriesVolume(pixels, np.asarray(z, dtype=np.float64),
                         (float(spacing[0]), float(spacing[1])), str(first.Modality),
-                        classify.plane(first).value, classify.phase(first), uids.pop(),
-                        list(ordered))
+                        classify.plane(first).value, classify.phase(first),
+                        str(first.SeriesInstanceUID), list(ordered))
+
+
+def _read_multiframe(ds: Dataset) -> SeriesVolume:
+    try:
+        volume = hd.Image.from_dataset(ds).get_volume(dtype=np.float32)
+    except (ValueError, RuntimeError, KeyError, AttributeError) as exc:
+        raise VolumeError(f"multi-frame image {ds.get('InstanceNumber', '?')} is not a volume: "
+                          f"{readable_reason(exc)}",
+                          f"{type(exc).__name__}: {exc}") from exc
+    pixels, z = _along_normal(volume)
+    return _volume(pixels, z, volume.pixel_spacing, [ds])
+
+
+def _read_single_frames(datasets: list[Dataset]) -> SeriesVolume:
+    if any("ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds
+           for ds in datasets):
+        raise VolumeError("a slice lacks position or orientation")
+    iop = _common_orientation(datasets)
+    found = [classify.position_along_normal(ds) for ds in datasets]
+    if any(p is None for p in found):
+        raise VolumeError("a slice lacks position or orientation")
+    positions = np.array(found, dtype=np.float64)
+    if len(np.unique(positions.round(4))) != len(positions):
+        raise VolumeError("repeated slice positions (several images at one place)")
+    order = np.argsort(positions)
+    ordered = [datasets[i] for i in order]
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) != 1:
+        raise VolumeError(f"slices of sizes {sorted(shapes)}")
+    _check_stacked_along_normal(datasets, iop)
+    try:
+        volume = hd.get_volume_from_series(datasets, dtype=np.float32)
+        pixels, z = _along_normal(volume)
+    except ValueError as exc:
+        if "regularly-spaced" not in str(exc):
+            raise
+        pixels, z = _stack_slices(ordered, positions[order])  # irregular spacing
+    first = datasets[0]
+    return _volume(pixels, z, (float(first.PixelSpacing[0]), float(first.PixelSpacing[1])),
+                   ordered)

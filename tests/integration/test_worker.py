@@ -26,9 +26,31 @@ def edit(paths: list[Path], **values: Any) -> None:
             if keyword == "shift":
                 x, y, z = (float(v) for v in ds.ImagePositionPatient)
                 ds.ImagePositionPatient = [x + value * float(ds.InstanceNumber), y, z]
+            elif value is None:
+                delattr(ds, keyword)
             else:
                 setattr(ds, keyword, value)
         ds.save_as(path)
+
+
+def as_two_multiframe_objects(paths: list[Path], out: Path) -> list[Path]:
+    """The series as two enhanced (legacy converted) CT objects in one new series, as Siemens
+    XA and Philips enhanced scanners send stacks."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    out.mkdir()
+    series_uid = generate_uid()
+    half = len(paths) // 2
+    objects = []
+    for n, part in enumerate((paths[:half], paths[half:]), start=1):
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            [pydicom.dcmread(p) for p in part], series_instance_uid=series_uid, series_number=5,
+            sop_instance_uid=generate_uid(), instance_number=n)
+        image.BodyPartExamined = "CHEST"
+        image.save_as(out / f"mf{n}.dcm")
+        objects.append(out / f"mf{n}.dcm")
+    return objects
 
 
 def test_stored_reasons_for_studies_that_cannot_be_reported(tmp_path: Path,
@@ -41,12 +63,16 @@ def test_stored_reasons_for_studies_that_cannot_be_reported(tmp_path: Path,
     edit(tilted, shift=0.8)  # each slice 0.8 mm further along the rows: gantry tilt
     few = write_phantom_study(tmp_path / "few", 83, slices=8, matrix=32)
     fine = write_phantom_study(tmp_path / "fine", 84, slices=20, matrix=32)
+    no_spacing = write_phantom_study(tmp_path / "nospacing", 85, slices=20, matrix=32)
+    edit(no_spacing, PixelSpacing=None)
+    multiframe = as_two_multiframe_objects(
+        write_phantom_study(tmp_path / "mf", 86, slices=20, matrix=32), tmp_path / "mf-objects")
     received = time.time() - 120  # received two minutes ago: stable now
-    for n, f in enumerate(head + tilted + few + fine):
+    for n, f in enumerate(head + tilted + few + fine + no_spacing + multiframe):
         spooled = shutil.copy(f, worker.index.store.incoming / f"{n}.dcm")
         os.utime(spooled, (received, received))
     worker.index.drain(worker.index.store.pending())
-    assert len(worker.queue.queue_stable()) == 4
+    assert len(worker.queue.queue_stable()) == 6
     while worker.run_once():
         pass
     reasons = {uid.rsplit(".", 1)[1]: (job.state, job.error)
@@ -58,4 +84,12 @@ def test_stored_reasons_for_studies_that_cannot_be_reported(tmp_path: Path,
     assert reasons["83"] == (JobState.FAILED, "not reported: no eligible series: 8 images "
                                               "(< min_slices 16)")
     assert reasons["84"] == (JobState.DONE, None)
+    assert reasons["85"] == (JobState.FAILED, "not reported: series 1: unreadable volume (a "
+                                              "required DICOM attribute is missing or invalid: "
+                                              "Pixel Spacing)")
+    assert reasons["86"] == (JobState.DONE, None)  # two multi-frame objects: two views
+    [(done, _)] = [(job, uid) for job, uid in worker.queue.jobs() if uid.endswith(".86")]
+    assert done.series_read == "5 axial non_contrast (20)"
+    for _, error in reasons.values():  # never a Python exception text
+        assert not any(word in (error or "") for word in ("Error:", "Tag (", "attribute '"))
     worker.close()

@@ -141,7 +141,7 @@ def test_nifti_and_dicom_readers_return_identical_arrays(tmp_path: Path,
     view = case.views[view_index]
     paths = write_ct_series(tmp_path / "dicom", view.pixels, view.z_mm, view.pixel_spacing_mm,
                             view.plane, view.phase, StudyInfo("1.2.3.4", "P1"))
-    from_dicom = read_series(paths)
+    [from_dicom] = read_series(paths)
     np.testing.assert_array_equal(from_dicom.pixels, from_nifti.pixels)
     np.testing.assert_allclose(from_dicom.z_mm, from_nifti.z_mm, atol=1e-3)
     assert from_dicom.plane == view.plane and from_dicom.phase == "non_contrast"
