@@ -54,6 +54,7 @@ class NodeConfig:
     accept_unknown_peers: bool = False
     require_called_ae_title: bool = True
     max_associations: int = 16
+    max_associations_per_address: int = 8  # at most max_associations (unset: the lower)
     max_pdu_bytes: int = 0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -405,12 +406,19 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
         accept_unknown_peers=s.get("accept_unknown_peers", bool, d.accept_unknown_peers),
         require_called_ae_title=s.get("require_called_ae_title", bool, d.require_called_ae_title),
         max_associations=s.get("max_associations", int, d.max_associations, _positive),
+        max_associations_per_address=s.get("max_associations_per_address", int, 0, _positive),
         max_pdu_bytes=s.get("max_pdu_bytes", int, d.max_pdu_bytes, _pdu),
         acse_timeout_s=s.get("acse_timeout_s", float, d.acse_timeout_s, _positive),
         dimse_timeout_s=s.get("dimse_timeout_s", float, d.dimse_timeout_s, _positive),
         network_timeout_s=s.get("network_timeout_s", float, d.network_timeout_s, _positive),
         receive_processes=s.get("receive_processes", int, d.receive_processes, _non_negative),
     )
+    if node.max_associations_per_address > node.max_associations:
+        raise s.error("max_associations_per_address",
+                      f"must be at most max_associations ({node.max_associations})")
+    if not node.max_associations_per_address:  # not set: 8, or all when fewer are allowed
+        node = dataclasses.replace(node, max_associations_per_address=min(
+            d.max_associations_per_address, node.max_associations))
 
     s = _Section(cfg_path, "tls", raw.get("tls", {}),
                  {"certificate", "private_key", "ca_certificates", "require_client_certificate"})

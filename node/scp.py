@@ -16,6 +16,8 @@ import socket
 import ssl
 import struct
 import threading
+import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -73,6 +75,8 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+ADDRESS_BUCKETS = 1024
+"""Hash buckets of remote addresses for ``max_associations_per_address`` (per process)."""
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -315,6 +319,13 @@ class NodeAssociation(Association):
     def __init__(self, ae: AE, mode: str) -> None:
         super().__init__(ae, mode)
         self.dimse = NodeDIMSE(self)
+        self.client_address: Any = None
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._server.address_limit.release(self.client_address)
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -364,6 +375,7 @@ class NodeRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = NodeAssociation(self.ae, "acceptor")
         assoc._server = self.server
+        assoc.client_address = self.client_address
         assoc.name = f"AcceptorThread@{self.client_address[0]}:{self.client_address[1]}"
         assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
@@ -387,6 +399,57 @@ class NodeRequestHandler(RequestHandler):
         return assoc
 
 
+class AddressLimit:
+    """Open connections per remote address over all receiving processes, so that one address
+    that opens connections and sends nothing (or opens many) cannot lock out a scanner.
+
+    ``counts`` is a shared array of ``processes x ADDRESS_BUCKETS`` counters; each process
+    writes its own row (zeroed when the process is restarted), addresses are hashed into
+    buckets (two addresses in one bucket share a limit: rare with 1024 buckets, and never
+    more permissive).
+    """
+
+    def __init__(self, limit: int, counts: Any, slot: int) -> None:
+        self.limit = limit
+        self.counts = counts
+        self.row = slot * ADDRESS_BUCKETS
+        self._admitted: dict[Any, int] = {}
+        self._refused: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, client_address: Any) -> bool:
+        host = str(client_address[0])
+        bucket = zlib.crc32(host.encode()) % ADDRESS_BUCKETS
+        with self.counts.get_lock():
+            total = sum(self.counts[bucket::ADDRESS_BUCKETS])
+            if total >= self.limit:
+                self._log_refusal(host)
+                return False
+            self.counts[self.row + bucket] += 1
+        with self._lock:
+            self._admitted[client_address] = bucket
+        return True
+
+    def release(self, client_address: Any) -> None:
+        with self._lock:
+            bucket = self._admitted.pop(client_address, None)
+        if bucket is not None:
+            with self.counts.get_lock():
+                self.counts[self.row + bucket] -= 1
+
+    def _log_refusal(self, host: str) -> None:
+        """One warning per address and minute (a greedy client opens many connections)."""
+        now = time.monotonic()
+        since, count = self._refused.get(host, (0.0, 0))
+        if now - since >= 60:
+            logger.warning("Connection from %s closed: %d connections open from that address "
+                           "(max_associations_per_address)%s", host, self.limit,
+                           f"; {count} more refused in the last minute" if count else "")
+            self._refused[host] = (now, 0)
+        else:
+            self._refused[host] = (since, count + 1)
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server on a (possibly shared) listening socket.
 
@@ -398,16 +461,19 @@ class NodeServer(ThreadedAssociationServer):
         Shared counters of active associations, one slot per receiving process.
     slot : int
         This process's slot in ``active``.
+    address_limit : AddressLimit
+        Connections per remote address (checked before any PDU is read).
     """
 
     def __init__(self, ae: AE, listen_socket: socket.socket, ae_title: str,
                  contexts: list[PresentationContext], ssl_context: ssl.SSLContext | None,
                  evt_handlers: list[Any], policy: AssociationPolicy,
-                 active: Any, slot: int) -> None:
+                 active: Any, slot: int, address_limit: AddressLimit) -> None:
         self._listen_socket = listen_socket
         self.policy = policy
         self.active = active
         self.slot = slot
+        self.address_limit = address_limit
         super().__init__(ae, listen_socket.getsockname()[:2], ae_title, contexts, ssl_context,
                          evt_handlers, request_handler=NodeRequestHandler)
         self.daemon_threads = True
@@ -450,8 +516,13 @@ class NodeServer(ThreadedAssociationServer):
             except (ssl.SSLError, OSError) as exc:
                 logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                 request.close()
+                self.address_limit.release(client_address)
                 return
         super().process_request_thread(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.address_limit.release(client_address)  # no association thread was started
+        super().handle_error(request, client_address)
 
     def refresh_active(self) -> int:
         """Publish this process's count of live associations; return the total of all."""
@@ -463,6 +534,9 @@ class NodeServer(ThreadedAssociationServer):
         self.refresh_active()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.address_limit.admit(client_address):
+            request.close()  # before any PDU: a greedy address gets no thread and no reply
+            return
         with self.active.get_lock():
             self.active[self.slot] += 1  # provisional until the association thread runs
         super().process_request(request, client_address)
@@ -523,7 +597,7 @@ class Receiver:
     """
 
     def __init__(self, config: Config, store: FileStore, sock: socket.socket,
-                 active: Any = None, slot: int = 0) -> None:
+                 active: Any = None, slot: int = 0, per_address: Any = None) -> None:
         import multiprocessing
 
         configure_receive_process()
@@ -537,6 +611,8 @@ class Receiver:
         self.ae.network_timeout = config.node.network_timeout_s
         self.ae.require_called_aet = False  # checked by AssociationPolicy
         active = active if active is not None else multiprocessing.Array("i", 1)
+        if per_address is None:
+            per_address = multiprocessing.Array("i", (slot + 1) * ADDRESS_BUCKETS)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.store_handler),
@@ -545,7 +621,9 @@ class Receiver:
         ]
         self.server = NodeServer(self.ae, sock, config.node.ae_title, supported_contexts(),
                                  make_ssl_context(config), handlers, AssociationPolicy(config),
-                                 active, slot)
+                                 active, slot, AddressLimit(
+                                     config.node.max_associations_per_address, per_address,
+                                     slot))
         self.ae._servers.append(self.server)
         self._thread: threading.Thread | None = None
 

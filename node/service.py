@@ -21,7 +21,7 @@ from typing import Any
 from node.completion import Scheduler
 from node.config import Config
 from node.jobs import JobQueue
-from node.scp import Receiver, listen_socket, set_parent_death_signal
+from node.scp import ADDRESS_BUCKETS, Receiver, listen_socket, set_parent_death_signal
 from node.worker import worker_process
 from storage.files import FileStore
 from storage.index import Index
@@ -33,11 +33,12 @@ WORKER_RESTART_S = 60.0
 """Least time between two starts of one worker process."""
 
 
-def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int) -> None:
+def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int,
+                     per_address: Any) -> None:
     set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     store = FileStore(config.storage.root)
-    receiver = Receiver(config, store, sock, active, slot)
+    receiver = Receiver(config, store, sock, active, slot, per_address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     receiver.start()
@@ -90,8 +91,9 @@ class Node:
                         leftover)
         self.sock = listen_socket(cfg)
         self.active = self._ctx.Array("i", self.processes)
+        self.per_address = self._ctx.Array("i", self.processes * ADDRESS_BUCKETS)
         if self.processes == 1:
-            self.receiver = Receiver(cfg, store, self.sock, self.active, 0)
+            self.receiver = Receiver(cfg, store, self.sock, self.active, 0, self.per_address)
             self.receiver.start()
         else:
             # Fork before any thread of ours exists, so children start from a clean state.
@@ -123,8 +125,12 @@ class Node:
     def _spawn(self, slot: int) -> multiprocessing.process.BaseProcess:
         assert self.sock is not None
         self.active[slot] = 0
+        with self.per_address.get_lock():  # a dead process's connections are gone with it
+            self.per_address[slot * ADDRESS_BUCKETS:(slot + 1) * ADDRESS_BUCKETS] = \
+                [0] * ADDRESS_BUCKETS
         proc = self._ctx.Process(target=_receive_process, name=f"msvlm-receive-{slot}",
-                                 args=(self.config, self.sock, self.active, slot), daemon=True)
+                                 args=(self.config, self.sock, self.active, slot,
+                                       self.per_address), daemon=True)
         proc.start()
         return proc
 

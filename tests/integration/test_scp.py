@@ -158,7 +158,7 @@ def test_max_associations(make_config: Callable[..., Config],
     node = start_node(make_config(node={"max_associations": 1}))
     first = associate(node)
     assert first.is_established
-    second = associate(node)
+    second = associate(node, bind="127.0.0.2")  # another address: the node-wide limit answers
     assert second.is_rejected
     rj = second.acceptor.primitive
     assert (rj.result, rj.result_source, int(rj.diagnostic)) == (2, 3, 2)
@@ -349,3 +349,47 @@ def test_sop_instance_uid_mismatch_answers_a900(make_config: Callable[..., Confi
     assert response.Status == 0xA900
     assert assoc.send_c_echo().Status == 0
     assoc.release()
+
+
+def test_slowloris_address_cannot_lock_out_a_scanner(
+        make_config: Callable[..., Config], start_node: Callable[..., Node],
+        built_samples: Samples) -> None:
+    import socket
+
+    config = make_config(node={"accept_unknown_peers": False, "max_associations": 8,
+                               "max_associations_per_address": 3, "acse_timeout_s": 3},
+                         peers__ct={"ae_title": "CT01", "host": "127.0.0.1", "port": 104})
+    node = start_node(config)
+    greedy = []
+    for _ in range(40):  # from 127.0.0.2: connect, send nothing, hold on
+        s = socket.create_connection(("127.0.0.1", node.port), source_address=("127.0.0.2", 0))
+        s.settimeout(0.5)
+        greedy.append(s)
+
+    def closed_by_node(s: socket.socket) -> bool:
+        try:
+            return s.recv(1) == b""
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+    held = [s for s in greedy if not closed_by_node(s)]
+    assert len(held) == 3  # the rest were closed at once, before any PDU
+    result = storescu(node, *built_samples.ct_files[:20], calling="CT01")
+    assert result.returncode == 0, result.stderr
+    assert node.index is not None and wait_for_index(node.index, 20)
+    # the silent ones are closed by the node after acse_timeout_s; then the address is heard
+    # again (an unknown AE title there: a proper A-ASSOCIATE-RJ, not a closed connection)
+    for s in held:
+        s.settimeout(10)
+        assert closed_by_node(s)
+    for s in greedy:
+        s.close()
+    deadline = time.monotonic() + 5
+    while True:
+        again = associate(node, calling="STRANGER", bind="127.0.0.2")
+        if again.is_rejected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert again.is_rejected and int(again.acceptor.primitive.diagnostic) == 3
