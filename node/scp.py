@@ -51,7 +51,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.config import Config, DuplicatePolicy
 from storage.files import FileStore, dataset_offset, file_meta_bytes
-from storage.header import read_header_bytes, scan_identifiers
+from storage.header import scan_identifiers
 from storage.uids import check_uid
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ class StoreHandler:
         raw = request.DataSet.getbuffer()
         ts = event.context.transfer_syntax
         try:
-            ids: Any = scan_identifiers(raw, ts)
-            if ids is None:  # deflated, or undefined lengths: let pydicom parse the header
-                ids = read_header_bytes(raw, ts)
+            ids = scan_identifiers(raw, ts)
             sop_class = check_uid(ids.get("SOPClassUID"), "SOPClassUID")
             sop_uid = check_uid(ids.get("SOPInstanceUID"), "SOPInstanceUID")
             study_uid = check_uid(ids.get("StudyInstanceUID"), "StudyInstanceUID")
@@ -291,6 +289,19 @@ class NodeDIMSE(DIMSEServiceProvider):
     length): about a third of the CPU a received instance costs. A Success response has fixed
     content, so it is packed directly; every other message goes through pynetdicom.
     """
+
+    def receive_primitive(self, primitive: Any) -> None:
+        """pynetdicom's, except that a command set it cannot decode (an unknown Command Field,
+        wrong value types) aborts this association instead of killing its DUL thread."""
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:  # noqa: BLE001 - anything a peer's bytes provoke
+            requestor = self.assoc.requestor
+            logger.warning("Undecodable DIMSE message from %r@%s (%s): aborting the association",
+                           requestor.ae_title, requestor.address, type(exc).__name__)
+            logger.debug("Undecodable DIMSE message", exc_info=True)
+            self.message = None
+            self.dul.event_queue.put("Evt19")
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if (isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None
@@ -577,6 +588,36 @@ def configure_receive_process() -> None:
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("pynetdicom"):
+            logging.getLogger(name).addFilter(_PEER_ERRORS)
+    threading.excepthook = _thread_crash
+
+
+class _PeerErrorFilter(logging.Filter):
+    """pynetdicom logs a traceback (and often the bare exception text as the message) for every
+    malformed PDU a peer sends; keep its one-line messages and leave the rest to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logger.isEnabledFor(logging.DEBUG):
+            return True
+        if isinstance(record.msg, BaseException):  # LOGGER.exception(exc): no sentence
+            return False
+        record.exc_info, record.exc_text = None, None
+        return bool(record.getMessage().strip())
+
+
+_PEER_ERRORS = _PeerErrorFilter()
+
+
+def _thread_crash(args: threading.ExceptHookArgs) -> None:
+    """An uncaught exception in a connection's thread ends that connection only: one log line,
+    the traceback at DEBUG."""
+    name = args.thread.name if args.thread is not None else "?"
+    logger.error("Connection thread %s ended by an internal error (%s); the node goes on",
+                 name, args.exc_type.__name__)
+    logger.debug("Traceback of %s", name, exc_info=(args.exc_type, args.exc_value,
+                                                    args.exc_traceback))
 
 
 class Receiver:

@@ -1,52 +1,14 @@
-"""Header-only parsing of received data sets and stored files (never the pixel data)."""
+"""Header-only parsing of received data sets and stored files (pixel data never decoded)."""
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
-
-_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
-
-
-def _stop_at_pixels(tag: object, vr: object, length: object) -> bool:
-    return int(tag) in _PIXEL_TAGS  # type: ignore[call-overload]
-
-
-def read_header_bytes(raw: bytes | memoryview, transfer_syntax_uid: str) -> Dataset:
-    """Parse the header of a data set as received over the network.
-
-    Parameters
-    ----------
-    raw : bytes
-        The encoded data set (no preamble, no file meta), as in a C-STORE request.
-    transfer_syntax_uid : str
-        The transfer syntax of the accepted presentation context.
-
-    Returns
-    -------
-    pydicom.dataset.Dataset
-        Every element before the pixel data; values are decoded lazily.
-
-    Raises
-    ------
-    Exception
-        Any error from pydicom or zlib when the bytes cannot be parsed.
-    """
-    ts = UID(transfer_syntax_uid)
-    data = raw
-    if ts == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
-    ds = read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
-                      stop_when=_stop_at_pixels)
-    return ds
-
 
 INDEX_KEYWORDS = [
     # identity and provenance
@@ -122,13 +84,12 @@ class _Walker:
                 raise ValueError("sequence item runs past the end of the data")
 
     def elements(self, pos: int, nested: bool, found: dict[str, str] | None = None) -> int:
-        """Walk elements from ``pos``: to the item delimiter (nested) or the pixel data."""
+        """Walk elements from ``pos`` to the item delimiter (nested) or to the end of the data
+        (pixel data included: every element must end inside the data, the last at its end)."""
         while pos < self.end:
             tag, length, size = self.header(pos)
             if nested and tag == _ITEM_END:
                 return pos + size
-            if not nested and tag in _PIXEL_TAGS:
-                return pos
             pos += size
             if length == _UNDEFINED:
                 pos = self.skip_sequence(pos)
@@ -144,13 +105,14 @@ class _Walker:
         return pos
 
 
-def scan_identifiers(raw: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, str] | None:
+def scan_identifiers(raw: bytes | memoryview, transfer_syntax_uid: str) -> dict[str, str]:
     """Read the four identifying UIDs from a received data set without building a Dataset.
 
-    Walks every top-level element up to the pixel data (through sequences of any length),
-    checking that each fits in the data, and keeps the values of :data:`IDENTIFIER_TAGS`. This is
-    the hot path of the C-STORE handler; a deflated data set returns ``None`` and the caller falls
-    back to :func:`read_header_bytes`.
+    Walks every top-level element to the end of the data (through sequences of any length and
+    encapsulated pixel data, never decoding values), checking that each fits in the data, and
+    keeps the values of :data:`IDENTIFIER_TAGS`: a data set whose lengths lie is refused. This is
+    the hot path of the C-STORE handler; a deflated data set is inflated first (``zlib`` errors
+    are raised as they come).
 
     Raises
     ------
@@ -158,8 +120,9 @@ def scan_identifiers(raw: bytes | memoryview, transfer_syntax_uid: str) -> dict[
         The data set is truncated or its structure is corrupt.
     """
     ts = UID(transfer_syntax_uid)
+    data = memoryview(raw)
     if ts == DeflatedExplicitVRLittleEndian:
-        return None
+        data = memoryview(zlib.decompressobj(-zlib.MAX_WBITS).decompress(data))
     found: dict[str, str] = {}
-    _Walker(memoryview(raw), ts.is_implicit_VR, ts.is_little_endian).elements(0, False, found)
+    _Walker(data, ts.is_implicit_VR, ts.is_little_endian).elements(0, False, found)
     return found
