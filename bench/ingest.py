@@ -1,7 +1,8 @@
 """Ingest benchmark: msvlm-node against Orthanc and dcmtk storescp, in one run.
 
-Builds a 300-slice 512x512 CT series (from the real TCIA slices in ../shared, with new UIDs and
-positions) and four distinct 75-slice series, then for each receiver and case starts a fresh
+Builds a 300-slice 512x512 CT series (from the real TCIA slices in ../shared/dicom-samples or
+$MSVLM_SAMPLES, with new UIDs and positions; without them, a synthetic 512x512 volume written by
+``storage.volumes``: same size per file) and four distinct 75-slice series, then for each receiver and case starts a fresh
 receiver, sends with ``TCP_NODELAY=1 /usr/bin/storescu`` and times it; medians of ``--repeat``.
 
 Cases: (a) one association, 300 slices; (b) four senders at once, one 75-slice series each.
@@ -32,7 +33,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
-CT_DIR = ROOT.parent / "shared" / "dicom-samples" / "ct-abdomen-tcia"
+CT_DIR = Path(os.environ.get("MSVLM_SAMPLES") or ROOT.parent / "shared" / "dicom-samples") \
+    / "ct-abdomen-tcia"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 MSVLM_NODE = str(Path(sys.executable).with_name("msvlm-node"))
 
@@ -59,6 +61,20 @@ def build_series(dest: Path, count: int, tag: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     study_uid = generate_uid(entropy_srcs=["bench-study"])
     series_uid = generate_uid(entropy_srcs=["bench-series", tag])
+    if not sources:  # a fresh clone: a synthetic body of the same matrix
+        import numpy as np
+
+        sys.path.insert(0, str(ROOT))
+        from storage.volumes import StudyInfo, write_ct_series
+
+        rng = np.random.default_rng(len(tag))
+        yy, xx = np.mgrid[:512, :512]
+        body = np.where(((yy - 256) / 200) ** 2 + ((xx - 256) / 240) ** 2 < 1, 40.0, -1000.0)
+        volume = (body + rng.normal(0, 20, (count, 512, 512))).astype(np.float32)
+        write_ct_series(dest, volume, [400.0 + i for i in range(count)], (0.7, 0.7), "axial",
+                        "non_contrast", StudyInfo(study_uid, "BENCH"),
+                        series_instance_uid=series_uid)
+        return dest
     for i in range(count):
         ds = pydicom.dcmread(sources[i % len(sources)])
         ds.StudyInstanceUID = study_uid
