@@ -1,6 +1,9 @@
-"""Completion: when a study has been quiet for ``stable_age_s`` it gets a report job.
+"""Completion: when a study is complete it gets a report job. Three cues, the first wins: quiet
+for ``stable_age_s``; ``settle_s`` after the association that brought its newest images was
+released with no other association holding it; ``settle_s`` after its newest image when every
+series holds the images its headers announce (:meth:`node.jobs.JobQueue.complete_condition`).
 
-The deadline is derived from the index (the newest image's receipt time), never held only in
+Deadlines are derived from the index (receipt times, release records), never held only in
 memory, so restarts and several receiving processes (or nodes) agree. APScheduler runs the scan
 and the delivery retries in the serving process; neither touches the receive path.
 """
@@ -20,8 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 def scan_interval_s(config: Config) -> float:
-    """How often the completion scan runs: a quarter of ``stable_age_s``, 0.25 s to 5 s."""
-    return min(5.0, max(0.25, config.completion.stable_age_s / 4))
+    """How often the completion scan runs: a quarter of ``stable_age_s`` (with a cue on, of
+    ``settle_s`` if shorter), 0.25 s to 5 s."""
+    cfg = config.completion
+    wait = cfg.stable_age_s
+    if cfg.association_cue or cfg.expected_count_cue:
+        wait = min(wait, cfg.settle_s)
+    return min(5.0, max(0.25, wait / 4))
 
 
 def delivery_interval_s(config: Config) -> float:

@@ -110,9 +110,18 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class CompletionConfig:
-    """``[completion]``: when a study counts as complete."""
+    """``[completion]``: when a study counts as complete (whichever cue comes first)."""
 
     stable_age_s: float = 60.0
+    """Quiet period: no image of the study for this long (the fallback for every sender)."""
+    settle_s: float = 2.0
+    """Wait after the association cue or the expected-count cue before the study is complete."""
+    association_cue: bool = True
+    """Complete ``settle_s`` after the association that brought the newest images is released
+    and no other association holding the study is open."""
+    expected_count_cue: bool = True
+    """Complete ``settle_s`` after the newest image when every series holds as many images as
+    its headers announce (Images in Acquisition)."""
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "demo"
@@ -492,8 +501,15 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
         except ArgumentError:
             raise s.error("database_url", f"{storage.database_url!r} is not an SQLAlchemy URL") from None
 
-    s = _Section(cfg_path, "completion", raw.get("completion", {}), {"stable_age_s"})
-    completion = CompletionConfig(stable_age_s=s.get("stable_age_s", float, 60.0, _positive))
+    s = _Section(cfg_path, "completion", raw.get("completion", {}),
+                 {f.name for f in dataclasses.fields(CompletionConfig)})
+    d_completion = CompletionConfig()
+    completion = CompletionConfig(
+        stable_age_s=s.get("stable_age_s", float, d_completion.stable_age_s, _positive),
+        settle_s=s.get("settle_s", float, d_completion.settle_s, _non_negative),
+        association_cue=s.get("association_cue", bool, d_completion.association_cue),
+        expected_count_cue=s.get("expected_count_cue", bool, d_completion.expected_count_cue),
+    )
 
     s = _Section(cfg_path, "model", raw.get("model", {}), {"checkpoint", "device", "threads"})
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Config
 from storage.index import Index
-from storage.schema import Delivery, DeliveryState, Job, JobState, Study, StudyState
+from storage.schema import Delivery, DeliveryState, Job, JobState, Series, Study, StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,40 @@ class JobQueue:
         return query
 
     # -- completion ---------------------------------------------------------------------------
+    NOT_IMAGES = ("SR", "KO", "PR", "DOC", "REG", "SEG")
+
+    def complete_condition(self, now: datetime) -> Any:
+        """SQL condition of a complete study: quiet for ``stable_age_s``, or (association cue)
+        released ``settle_s`` ago after its newest image with no association holding it, or
+        (expected-count cue) ``settle_s`` after its newest image every series holds the images
+        its headers announce."""
+        cfg = self.config.completion
+        settled = now - timedelta(seconds=cfg.settle_s)
+        cues = [Study.last_image_at <= now - timedelta(seconds=cfg.stable_age_s)]
+        if cfg.association_cue:
+            cues.append(and_(Study.released_at.is_not(None),
+                             Study.released_at >= Study.last_image_at,
+                             Study.released_at <= settled))
+        if cfg.expected_count_cue:
+            short = select(Series.id).where(
+                Series.study_id == Study.id, Series.modality.not_in(self.NOT_IMAGES),
+                or_(Series.expected_images.is_(None),
+                    Series.instance_count < Series.expected_images)).exists()
+            announced = select(Series.id).where(Series.study_id == Study.id,
+                                                Series.expected_images.is_not(None)).exists()
+            cues.append(and_(Study.last_image_at <= settled, announced, ~short))
+        return or_(*cues)
+
     def queue_stable(self, now: datetime | None = None) -> list[int]:
-        """Queue one job for every study stable for ``stable_age_s`` whose newest images no
-        job covers yet; return the new job ids."""
+        """Queue one job for every complete study (:meth:`complete_condition`) whose newest
+        images no job covers yet; return the new job ids."""
         now = now or utcnow()
-        cutoff = now - timedelta(seconds=self.config.completion.stable_age_s)
         uncovered = or_(Study.queued_through.is_(None), Study.queued_through < Study.last_image_at)
         created = []
         with self.index.sessions.begin() as session:
             rows = session.execute(select(Study.id, Study.last_image_at).where(
-                Study.last_image_at.is_not(None), Study.last_image_at <= cutoff, uncovered)).all()
+                Study.last_image_at.is_not(None), self.complete_condition(now),
+                uncovered)).all()
             for study_id, last_image in rows:
                 claimed = session.execute(
                     update(Study).where(Study.id == study_id, Study.last_image_at == last_image,

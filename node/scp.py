@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pydicom.config
@@ -77,6 +77,8 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 ADDRESS_BUCKETS = 1024
 """Hash buckets of remote addresses for ``max_associations_per_address`` (per process)."""
+STUDY_BUCKETS = 4096
+"""Hash buckets of Study Instance UIDs for the open associations holding each (per process)."""
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -98,6 +100,8 @@ def _status(code: int, comment: str) -> Dataset:
 class AssociationStats:
     stored: int = 0
     failed: int = 0
+    studies: set[str] = field(default_factory=set)
+    """Studies this association stored instances of (each counted once in ``open_studies``)."""
 
 
 class StoreHandler:
@@ -109,10 +113,18 @@ class StoreHandler:
         The node configuration (duplicate policy, free-space floor, our AE title).
     store : FileStore
         Where files are written.
+    open_studies : SharedCounts, optional
+        Associations holding each study, over all receiving processes (the association
+        completion cue); a private counter by default.
     """
 
-    def __init__(self, config: Config, store: FileStore) -> None:
+    def __init__(self, config: Config, store: FileStore,
+                 open_studies: SharedCounts | None = None) -> None:
+        import multiprocessing
+
         self.store = store
+        self.open_studies = open_studies or SharedCounts(
+            multiprocessing.Array("i", STUDY_BUCKETS), 0, STUDY_BUCKETS)
         self.policy = config.storage.duplicate_policy
         self.min_free_bytes = config.storage.min_free_bytes
         self.ae_title = config.node.ae_title
@@ -137,15 +149,34 @@ class StoreHandler:
         """
         assoc = event.assoc
         stats = self.stats.setdefault(id(assoc), AssociationStats())
-        status = self._store(event)
+        status, study_uid = self._store(event)
         code = status if isinstance(status, int) else int(status.Status)
         if code == SUCCESS:
             stats.stored += 1
+            if study_uid is not None and study_uid not in stats.studies:
+                stats.studies.add(study_uid)
+                self.open_studies.add(study_uid, 1)
         else:
             stats.failed += 1
         return status
 
-    def _store(self, event: evt.Event) -> int | Dataset:
+    def closed(self, assoc: Any) -> AssociationStats | None:
+        """The association ended: its studies are no longer held by it. After a release (not
+        an abort), the studies no other association holds are recorded as released."""
+        stats = self.stats.pop(id(assoc), None)
+        if stats is None:
+            return None
+        free = [uid for uid in sorted(stats.studies)
+                if self.open_studies.add(uid, -1) and self.open_studies.total(uid) <= 0]
+        if free and assoc.is_released:
+            try:
+                self.store.write_release(time.time_ns(), free)
+            except OSError as exc:  # the quiet period still completes these studies
+                logger.error("Association release not recorded: %s", exc.strerror)
+        return stats
+
+    def _store(self, event: evt.Event) -> tuple[int | Dataset, str | None]:
+        """(status, Study Instance UID once known)."""
         request: Any = event.request
         raw = request.DataSet.getbuffer()
         ts = event.context.transfer_syntax
@@ -157,20 +188,20 @@ class StoreHandler:
             series_uid = check_uid(ids.get("SeriesInstanceUID"), "SeriesInstanceUID")
         except ValueError as exc:
             logger.warning("C-STORE refused from %s: %s", _peer(event), exc)
-            return _status(CANNOT_UNDERSTAND, str(exc))
+            return _status(CANNOT_UNDERSTAND, str(exc)), None
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad bytes
             logger.warning("C-STORE refused from %s: cannot parse data set (%s)", _peer(event),
                            type(exc).__name__)
-            return _status(CANNOT_UNDERSTAND, "data set cannot be parsed")
+            return _status(CANNOT_UNDERSTAND, "data set cannot be parsed"), None
         if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
             logger.warning("C-STORE refused from %s: data set UIDs differ from the request "
                            "(study %s)", _peer(event), study_uid)
             return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                           "SOP Class/Instance UID differ from the request")
+                           "SOP Class/Instance UID differ from the request"), study_uid
         if self.min_free_bytes and self.store.free_bytes() - len(raw) < self.min_free_bytes:
             logger.error("C-STORE refused from %s: free space below min_free_bytes (study %s)",
                          _peer(event), study_uid)
-            return _status(OUT_OF_RESOURCES, "storage below its free-space floor")
+            return _status(OUT_OF_RESOURCES, "storage below its free-space floor"), study_uid
 
         existing = self.store.existing(study_uid, series_uid, sop_uid)
         if existing is not None:
@@ -180,15 +211,16 @@ class StoreHandler:
                 existing = self.store.existing(study_uid, series_uid, sop_uid)
                 identical = existing is not None and _same_dataset(existing, raw)
             if identical:
-                return SUCCESS
+                return SUCCESS, study_uid
             if existing is not None and self.policy is not DuplicatePolicy.OVERWRITE:
                 logger.warning("Duplicate SOP Instance %s with different bytes from %s (study "
                                "%s): %s", sop_uid, _peer(event), study_uid,
                                "kept the stored one" if self.policy is DuplicatePolicy.KEEP
                                else "refused")
                 if self.policy is DuplicatePolicy.KEEP:
-                    return SUCCESS
-                return _status(DUPLICATE_SOP_INSTANCE, "different instance with this UID stored")
+                    return SUCCESS, study_uid
+                return (_status(DUPLICATE_SOP_INSTANCE, "different instance with this UID stored"),
+                        study_uid)
             logger.info("Duplicate SOP Instance %s from %s replaces the stored one (study %s)",
                         sop_uid, _peer(event), study_uid)
 
@@ -201,9 +233,9 @@ class StoreHandler:
             logger.error("C-STORE from %s could not be written (study %s): %s", _peer(event),
                          study_uid, exc.strerror)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                return _status(OUT_OF_RESOURCES, "storage full")
-            return _status(WRITE_FAILED, "storage write failed")
-        return SUCCESS
+                return _status(OUT_OF_RESOURCES, "storage full"), study_uid
+            return _status(WRITE_FAILED, "storage write failed"), study_uid
+        return SUCCESS, study_uid
 
 
 def _same_dataset(path: Any, raw: memoryview) -> bool:
@@ -410,43 +442,64 @@ class NodeRequestHandler(RequestHandler):
         return assoc
 
 
-class AddressLimit:
-    """Open connections per remote address over all receiving processes, so that one address
-    that opens connections and sends nothing (or opens many) cannot lock out a scanner.
+class SharedCounts:
+    """Counters by key over all receiving processes of this node.
 
-    ``counts`` is a shared array of ``processes x ADDRESS_BUCKETS`` counters; each process
-    writes its own row (zeroed when the process is restarted), addresses are hashed into
-    buckets (two addresses in one bucket share a limit: rare with 1024 buckets, and never
-    more permissive).
+    ``counts`` is a shared array of ``processes x buckets``; each process writes its own row
+    (zeroed when the process is restarted, so a crashed process's counts go with it) and keys
+    are hashed into buckets: two keys in one bucket share a count (rare with a thousand
+    buckets, and never more permissive).
     """
 
-    def __init__(self, limit: int, counts: Any, slot: int) -> None:
+    def __init__(self, counts: Any, slot: int, buckets: int) -> None:
+        self.counts = counts
+        self.buckets = buckets
+        self.row = slot * buckets
+
+    def _bucket(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self.buckets
+
+    def total(self, key: str) -> int:
+        bucket = self._bucket(key)
+        with self.counts.get_lock():
+            return int(sum(self.counts[bucket::self.buckets]))
+
+    def add(self, key: str, delta: int, limit: int | None = None) -> bool:
+        """Add ``delta`` to this process's count of ``key``; with ``limit``, only while the
+        total over all processes stays at or below it (returns whether it was added)."""
+        bucket = self._bucket(key)
+        with self.counts.get_lock():
+            if limit is not None and sum(self.counts[bucket::self.buckets]) + delta > limit:
+                return False
+            self.counts[self.row + bucket] += delta
+            return True
+
+
+class AddressLimit:
+    """Open connections per remote address over all receiving processes, so that one address
+    that opens connections and sends nothing (or opens many) cannot lock out a scanner."""
+
+    def __init__(self, limit: int, counts: SharedCounts) -> None:
         self.limit = limit
         self.counts = counts
-        self.row = slot * ADDRESS_BUCKETS
-        self._admitted: dict[Any, int] = {}
+        self._admitted: dict[Any, str] = {}
         self._refused: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def admit(self, client_address: Any) -> bool:
         host = str(client_address[0])
-        bucket = zlib.crc32(host.encode()) % ADDRESS_BUCKETS
-        with self.counts.get_lock():
-            total = sum(self.counts[bucket::ADDRESS_BUCKETS])
-            if total >= self.limit:
-                self._log_refusal(host)
-                return False
-            self.counts[self.row + bucket] += 1
+        if not self.counts.add(host, 1, self.limit):
+            self._log_refusal(host)
+            return False
         with self._lock:
-            self._admitted[client_address] = bucket
+            self._admitted[client_address] = host
         return True
 
     def release(self, client_address: Any) -> None:
         with self._lock:
-            bucket = self._admitted.pop(client_address, None)
-        if bucket is not None:
-            with self.counts.get_lock():
-                self.counts[self.row + bucket] -= 1
+            host = self._admitted.pop(client_address, None)
+        if host is not None:
+            self.counts.add(host, -1)
 
     def _log_refusal(self, host: str) -> None:
         """One warning per address and minute (a greedy client opens many connections)."""
@@ -638,12 +691,18 @@ class Receiver:
     """
 
     def __init__(self, config: Config, store: FileStore, sock: socket.socket,
-                 active: Any = None, slot: int = 0, per_address: Any = None) -> None:
+                 active: Any = None, slot: int = 0, per_address: Any = None,
+                 open_studies: Any = None) -> None:
         import multiprocessing
 
         configure_receive_process()
         self.config = config
-        self.store_handler = StoreHandler(config, store)
+        if per_address is None:
+            per_address = multiprocessing.Array("i", (slot + 1) * ADDRESS_BUCKETS)
+        if open_studies is None:
+            open_studies = multiprocessing.Array("i", (slot + 1) * STUDY_BUCKETS)
+        self.store_handler = StoreHandler(config, store,
+                                          SharedCounts(open_studies, slot, STUDY_BUCKETS))
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.maximum_associations = max(config.node.max_associations * 2, 10)
         self.ae.maximum_pdu_size = config.node.max_pdu_bytes
@@ -652,8 +711,6 @@ class Receiver:
         self.ae.network_timeout = config.node.network_timeout_s
         self.ae.require_called_aet = False  # checked by AssociationPolicy
         active = active if active is not None else multiprocessing.Array("i", 1)
-        if per_address is None:
-            per_address = multiprocessing.Array("i", (slot + 1) * ADDRESS_BUCKETS)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.store_handler),
@@ -663,8 +720,8 @@ class Receiver:
         self.server = NodeServer(self.ae, sock, config.node.ae_title, supported_contexts(),
                                  make_ssl_context(config), handlers, AssociationPolicy(config),
                                  active, slot, AddressLimit(
-                                     config.node.max_associations_per_address, per_address,
-                                     slot))
+                                     config.node.max_associations_per_address,
+                                     SharedCounts(per_address, slot, ADDRESS_BUCKETS)))
         self.ae._servers.append(self.server)
         self._thread: threading.Thread | None = None
 
@@ -677,7 +734,7 @@ class Receiver:
         logger.info("Association from %r@%s:%s accepted", r.ae_title, r.address, r.port)
 
     def _on_close(self, event: evt.Event) -> None:
-        stats = self.store_handler.stats.pop(id(event.assoc), None)
+        stats = self.store_handler.closed(event.assoc)
         if stats is not None:
             r = event.assoc.requestor
             logger.info("Association from %r@%s closed: %d stored, %d failed", r.ae_title,

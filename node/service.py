@@ -21,7 +21,9 @@ from typing import Any
 from node.completion import Scheduler
 from node.config import Config
 from node.jobs import JobQueue
-from node.scp import ADDRESS_BUCKETS, Receiver, listen_socket, set_parent_death_signal
+from node.scp import (
+    ADDRESS_BUCKETS, STUDY_BUCKETS, Receiver, listen_socket, set_parent_death_signal,
+)
 from node.worker import worker_process
 from storage.files import FileStore
 from storage.index import Index
@@ -34,11 +36,11 @@ WORKER_RESTART_S = 60.0
 
 
 def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int,
-                     per_address: Any) -> None:
+                     per_address: Any, open_studies: Any) -> None:
     set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     store = FileStore(config.storage.root)
-    receiver = Receiver(config, store, sock, active, slot, per_address)
+    receiver = Receiver(config, store, sock, active, slot, per_address, open_studies)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     receiver.start()
@@ -92,8 +94,10 @@ class Node:
         self.sock = listen_socket(cfg)
         self.active = self._ctx.Array("i", self.processes)
         self.per_address = self._ctx.Array("i", self.processes * ADDRESS_BUCKETS)
+        self.open_studies = self._ctx.Array("i", self.processes * STUDY_BUCKETS)
         if self.processes == 1:
-            self.receiver = Receiver(cfg, store, self.sock, self.active, 0, self.per_address)
+            self.receiver = Receiver(cfg, store, self.sock, self.active, 0, self.per_address,
+                                     self.open_studies)
             self.receiver.start()
         else:
             # Fork before any thread of ours exists, so children start from a clean state.
@@ -125,12 +129,13 @@ class Node:
     def _spawn(self, slot: int) -> multiprocessing.process.BaseProcess:
         assert self.sock is not None
         self.active[slot] = 0
-        with self.per_address.get_lock():  # a dead process's connections are gone with it
-            self.per_address[slot * ADDRESS_BUCKETS:(slot + 1) * ADDRESS_BUCKETS] = \
-                [0] * ADDRESS_BUCKETS
+        for counts, buckets in ((self.per_address, ADDRESS_BUCKETS),
+                                (self.open_studies, STUDY_BUCKETS)):
+            with counts.get_lock():  # a dead process's associations are gone with it
+                counts[slot * buckets:(slot + 1) * buckets] = [0] * buckets
         proc = self._ctx.Process(target=_receive_process, name=f"msvlm-receive-{slot}",
                                  args=(self.config, self.sock, self.active, slot,
-                                       self.per_address), daemon=True)
+                                       self.per_address, self.open_studies), daemon=True)
         proc.start()
         return proc
 

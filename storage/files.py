@@ -17,6 +17,7 @@ Paths are built only from UIDs that passed :func:`storage.uids.check_uid`.
 from __future__ import annotations
 
 import logging
+import json
 import os
 import struct
 import threading
@@ -200,6 +201,25 @@ class FileStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def write_release(self, closed_at_ns: int, study_instance_uids: Sequence[str]) -> Path:
+        """Record, in the spool, that an association was released and no other association
+        held these studies (the association completion cue). Written after every instance of
+        that association is in ``incoming/``; the indexer applies it after them."""
+        body = json.dumps({"closed_at_ns": closed_at_ns,
+                           "studies": [check_uid(u, "StudyInstanceUID")
+                                       for u in study_instance_uids]}).encode()
+        with self._lock:
+            self._counter += 1
+            name = f"{closed_at_ns:020d}-{os.getpid()}-{self._counter}.released"
+        target = self.incoming / name
+        self._write(target, [body], self._incoming_fd)
+        return target
+
+    def releases(self) -> list[Path]:
+        """Association release records not yet applied, oldest first."""
+        return sorted(Path(e.path) for e in os.scandir(self.incoming)
+                      if e.name.endswith(".released"))
 
     # -- reading ----------------------------------------------------------------------------------
     def pending(self) -> list[Path]:

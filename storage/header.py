@@ -15,7 +15,7 @@ INDEX_KEYWORDS = [
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
     "SeriesInstanceUID", "PatientID", "AccessionNumber", "StudyDate", "Modality",
     "BodyPartExamined", "SeriesNumber", "SeriesDescription", "ProtocolName", "SeriesTime",
-    "AcquisitionTime", "InstanceNumber",
+    "AcquisitionTime", "InstanceNumber", "ImagesInAcquisition",
     # geometry and image
     "ImageType", "Rows", "Columns", "NumberOfFrames", "ImageOrientationPatient",
     "ImagePositionPatient", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -258,6 +259,9 @@ class Index:
                     session.add(series)
                     series_by_uid[rec.series_instance_uid] = series
                 series.last_received_at = max(series.last_received_at, rec.received_at)
+                expected = _int(ds, "ImagesInAcquisition")
+                if expected and expected > 0:
+                    series.expected_images = max(series.expected_images or 0, expected)
                 final = self.store.final_path(rec.study_instance_uid, rec.series_instance_uid,
                                               rec.sop_instance_uid)
                 finals[rec.sop_instance_uid] = final
@@ -302,6 +306,31 @@ class Index:
             .group_by(Instance.series_id)).all())
         for series in session.scalars(select(Series).where(Series.id.in_(ids))):
             series.instance_count = counts.get(series.id, 0)
+
+    def apply_releases(self, paths: Sequence[Path]) -> int:
+        """Apply association release records (:meth:`FileStore.write_release`): each study's
+        ``released_at`` becomes the latest release time; the records are then removed.
+        Returns how many studies were marked."""
+        marked: dict[str, datetime] = {}
+        for path in paths:
+            try:
+                record = json.loads(path.read_text())
+                when = _utc(int(record["closed_at_ns"]))
+                for uid in record["studies"]:
+                    marked[uid] = max(marked.get(uid, when), when)
+            except FileNotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("Release record %s cannot be read (%s); ignored", path.name, exc)
+        if marked:
+            with self.sessions.begin() as session:
+                for study in session.scalars(select(Study).where(
+                        Study.study_instance_uid.in_(marked))):
+                    when = marked[study.study_instance_uid]
+                    study.released_at = max(study.released_at or when, when)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return len(marked)
 
     def drain(self, paths: Sequence[Path]) -> int:
         """Index spooled files from ``incoming/`` and move them under ``data/``.

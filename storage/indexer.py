@@ -41,14 +41,19 @@ class Indexer:
         self._lock = threading.Lock()  # one drain at a time (this thread or a caller's)
 
     def run_once(self) -> int:
-        """Index what is spooled now; return how many files were indexed."""
+        """Index what is spooled now, then apply the association release records spooled
+        before (each after its association's instances); return how many files were indexed."""
         total = 0
         with self._lock:
+            releases = self.index.store.releases()
             while True:
                 pending = self.index.store.pending()[: self.batch]
                 if not pending:
-                    return total
+                    break
                 total += self.index.drain(pending)
+            if releases:
+                self.index.apply_releases(releases)
+            return total
 
     def _loop(self) -> None:
         # Receiving answers senders and must not wait for indexing: under load this thread

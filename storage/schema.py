@@ -42,6 +42,9 @@ class Study(Base):
     """Receipt of the newest instance that may start a report (an image not made by us)."""
     queued_through: Mapped[datetime | None] = mapped_column(DateTime)
     """``last_image_at`` covered by the newest report job; a later image queues a new job."""
+    released_at: Mapped[datetime | None] = mapped_column(DateTime)
+    """When the last association holding the study was released with no other one open (the
+    association completion cue)."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study",
                                                 cascade="all, delete-orphan")
@@ -62,6 +65,8 @@ class Series(Base):
     phase: Mapped[str] = mapped_column(String(16), default="unknown")
     is_localizer: Mapped[bool] = mapped_column(Boolean, default=False)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    expected_images: Mapped[int | None] = mapped_column(Integer)
+    """Images the headers announce (Images in Acquisition): the expected-count cue."""
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
 
     study: Mapped[Study] = relationship(back_populates="series")
