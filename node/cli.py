@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -143,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] in (["serve"], ["worker"]):
+        # stopped before the service installs its own handlers (building the parser alone
+        # imports torch): a clean stop, nothing was started yet
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    args = build_parser().parse_args(given)
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
                         stream=sys.stderr)

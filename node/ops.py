@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import threading
 from typing import Any
 
@@ -22,12 +21,12 @@ def _queue(config: Config) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from node.worker import Worker
+    from node.worker import Worker, stop_on_signals
 
-    stop = threading.Event()  # before the model loads: a SIGTERM while loading is a clean stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = threading.Event()
+    loaded = stop_on_signals(stop)  # a SIGTERM while the model loads: exit 0 at once
     worker = Worker(load_config(args.config))
+    loaded()
     try:
         worker.run(stop)
     finally:

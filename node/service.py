@@ -122,7 +122,7 @@ class Node:
         self._worker_started[n] = time.monotonic()
         proc = self._worker_ctx.Process(
             target=worker_process, name=f"msvlm-worker-{n}", daemon=True,
-            args=(self.config, logging.getLogger().getEffectiveLevel()))
+            args=(self.config, logging.getLogger().getEffectiveLevel(), os.getpid()))
         proc.start()
         return proc
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import signal
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import pydicom
 from sqlalchemy import select
@@ -194,8 +196,25 @@ def failure_reason(exc: BaseException) -> str:
     return "internal error while drafting (details in the node's debug log)"
 
 
-def worker_process(config: Config, log_level: int) -> None:
-    """Entry point of a worker process started by ``serve`` (spawned: a clean interpreter)."""
+def stop_on_signals(stop: threading.Event, interrupt: bool = True) -> Callable[[], None]:
+    """SIGTERM (and SIGINT with ``interrupt``) set ``stop``; until the returned function is
+    called (the model is loaded), they end the process at once: there is nothing to finish."""
+    loaded = threading.Event()
+
+    def handler(*_: object) -> None:
+        if not loaded.is_set():
+            raise SystemExit(0)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler if interrupt else signal.SIG_IGN)
+    return loaded.set
+
+
+def worker_process(config: Config, log_level: int, parent_pid: int | None = None) -> None:
+    """Entry point of a worker process started by ``serve`` (spawned: a clean interpreter).
+    It never outlives the node: the parent's death signals it, and a watcher stops it should
+    the parent be gone before that signal was armed."""
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -205,9 +224,20 @@ def worker_process(config: Config, log_level: int) -> None:
 
     set_parent_death_signal(signal.SIGTERM)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded = stop_on_signals(stop, interrupt=False)
+    if parent_pid is not None:
+        if os.getppid() != parent_pid:
+            return  # the node died while this process started
+
+        def watch() -> None:
+            while not stop.wait(1.0):
+                if os.getppid() != parent_pid:
+                    logger.warning("Node process gone: worker stops")
+                    stop.set()
+
+        threading.Thread(target=watch, name="msvlm-parent-watch", daemon=True).start()
     worker = Worker(config)
+    loaded()
     try:
         worker.run(stop)
     finally:

@@ -173,3 +173,49 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [line for line in (result.stdout + result.stderr).splitlines()
                 if "msvlm-node.service" in line]
     assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out |= {int(c) for c in text}
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_workers_never_outlive_their_node(make_config: Callable[..., Config],
+                                          serve: Callable[[Config], ServeProcess]) -> None:
+    config = make_config(worker={"processes": 2},
+                         model={"checkpoint": "demo", "device": "cpu", "threads": 1})
+    proc = serve(config)
+    deadline = time.monotonic() + 20
+    spawned: set[int] = set()
+    while len(spawned) < 2 and time.monotonic() < deadline:  # the workers (and their helper)
+        spawned = {c for c in children(proc.proc.pid)
+                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")}
+        time.sleep(0.1)
+    assert len(spawned) >= 2
+    proc.kill()  # SIGKILL while the workers are still loading the model
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in spawned) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in spawned if alive(p)], "worker processes outlived the node"
+
+
+def test_worker_stopped_while_loading_exits_at_once(make_config: Callable[..., Config]) -> None:
+    config = make_config(model={"checkpoint": "demo", "device": "cpu", "threads": 1})
+    worker = subprocess.Popen([MSVLM_NODE, "worker", "-c", str(config.path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # importing torch and loading the checkpoint take longer than this
+    start = time.monotonic()
+    worker.terminate()
+    assert worker.wait(timeout=10) == 0
+    assert time.monotonic() - start < 5
