@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -130,6 +131,25 @@ class ReportGenerator:
     def encode_slices(self, view: View) -> EncodedView:
         """Per-slice embeddings of one view (cache them by series UID and ``version``)."""
         return self.model.encode_slices(view)
+
+    @property
+    def streamable(self) -> bool:
+        """Whether each slice's embedding depends on that slice alone (every encoder but the
+        3D-patch baseline), so slices can be encoded one by one as they arrive."""
+        return not bool(getattr(self.model.vision_tower, "volumetric", False))
+
+    @property
+    def stream_key(self) -> str:
+        """Key of cached slice embeddings: the model version and a hash of the configuration
+        (preprocessing included), so embeddings of other weights or settings never mix."""
+        config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
+        return f"{self.version}:{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+
+    def encode_images(self, pixels: np.ndarray, modality: str) -> np.ndarray:
+        """Embeddings ``(S, Dv)`` float32 of slices ``(S, H, W)`` (HU for CT), each on its own
+        (needs :attr:`streamable`): what :meth:`encode_slices` computes for them in a view."""
+        view = View(pixels, np.arange(len(pixels), dtype=np.float64), (1.0, 1.0), modality)
+        return self.model.encode_slices(view).embeddings.float().cpu().numpy()
 
     def report(self, encoded: Sequence[EncodedView], max_new_tokens: int | None = None,
                timings: dict[str, float] | None = None) -> Report:

@@ -180,6 +180,9 @@ class WorkerConfig:
     processes: int = 1
     lease_s: float = 60.0
     max_attempts: int = 3
+    stream: bool = True
+    """Encode the slices of eligible series while the study still arrives (idle workers only,
+    yielding to a deep spool); at completion only the rest is read and encoded."""
 
 
 @dataclass(frozen=True)
@@ -603,5 +606,6 @@ def _pipeline_sections(raw: Mapping[str, Any], cfg_path: Path,
                  {f.name for f in dataclasses.fields(WorkerConfig)})
     worker = WorkerConfig(processes=s.get("processes", int, d3.processes, _non_negative),
                           lease_s=s.get("lease_s", float, d3.lease_s, _positive),
-                          max_attempts=s.get("max_attempts", int, d3.max_attempts, _positive))
+                          max_attempts=s.get("max_attempts", int, d3.max_attempts, _positive),
+                          stream=s.get("stream", bool, d3.stream))
     return dict(selection=selection, report=report, delivery=delivery, worker=worker)

@@ -89,7 +89,8 @@ def describe_key_image(key: KeyImage) -> str:
 def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]],
                 generator: Any, rules: SelectionRules,
                 device_uid: str, previous: Sequence[pydicom.Dataset] = (),
-                pdf: bool = False, key_images: bool = False) -> Draft:
+                pdf: bool = False, key_images: bool = False,
+                cached: Mapping[Path, bytes] | None = None) -> Draft:
     """Draft the report of one study.
 
     Parameters
@@ -110,40 +111,46 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
         Also render an Encapsulated PDF of the report.
     key_images : bool
         Also write a Key Object Selection document of the findings' key slices.
+    cached : mapping, optional
+        Slice embeddings computed while the study arrived (file -> float32 bytes, under the
+        generator's ``stream_key``): those slices' pixels are not read again.
 
     Raises
     ------
     ReportError
         No eligible series, or an unreadable volume; the message is the stored reason.
     """
-    from models.view import View
-    from storage.volumes import VolumeError, read_series
+    from storage.volumes import VolumeError
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"load_s": 0.0, "encode_s": 0.0}
     selection = select_series(series, rules)
     if not selection.chosen:
         raise ReportError(selection.reason)
-    views: list[View] = []
+    encoded: list[Any] = []
     headers: list[list[pydicom.Dataset]] = []
     read: list[SeriesRead] = []
     evidence: list[pydicom.Dataset] = []
-    start = time.perf_counter()
+    streamed = 0
     for s in selection.chosen:
+        files = paths[s.series_instance_uid]
+        hits = {p: cached[p] for p in files if p in cached} if cached else {}
         try:
-            volumes = read_series(paths[s.series_instance_uid])
+            views = _streamed_view(files, hits, generator, timings) if hits else None
+            if views is None:
+                views = _read_view(files, generator, timings)
+            else:
+                streamed += len(hits)
         except VolumeError as exc:  # the data's fault: permanent; OSError propagates (retried)
             logger.debug("Series %s: %s", s.series_instance_uid, exc.detail)
             raise ReportError(f"series {s.series_number}: unreadable volume ({exc})") from None
-        for volume in volumes:  # one view per volume (several multi-frame objects: several)
-            views.append(View(volume.pixels, volume.z_mm, volume.pixel_spacing_mm,
-                              volume.modality, volume.plane, volume.phase,
-                              volume.series_instance_uid))
-            evidence += volume.headers
-            headers.append(volume.headers)
+        for view, view_headers in views:  # several multi-frame objects: several views
+            encoded.append(view)
+            evidence += view_headers
+            headers.append(view_headers)
         read.append(SeriesRead(s.series_instance_uid, s.series_number, s.description, s.plane,
                                s.phase, s.images))
-    timings["load_s"] = time.perf_counter() - start
-    report = generator.generate(views)
+    timings["streamed_slices"] = float(streamed)
+    report = generator.report(encoded, timings=timings)
     timings.update(report.timings)
     start = time.perf_counter()
     coded = coded_findings(report, headers)
@@ -161,3 +168,63 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
                            device_uid) if key_images else None
     timings["sr_s"] = time.perf_counter() - start
     return Draft(report, sr, document, selection, timings, coded, kos)
+
+
+def _read_view(files: Sequence[Path], generator: Any,
+               timings: dict[str, float]) -> list[tuple[Any, list[pydicom.Dataset]]]:
+    """Read a series whole (DICOM -> volumes) and encode every slice."""
+    from models.view import View
+    from storage.volumes import read_series
+
+    start = time.perf_counter()
+    volumes = read_series(files)
+    timings["load_s"] += time.perf_counter() - start
+    out = []
+    for v in volumes:
+        start = time.perf_counter()
+        view = View(v.pixels, v.z_mm, v.pixel_spacing_mm, v.modality, v.plane, v.phase,
+                    v.series_instance_uid)
+        out.append((generator.encode_slices(view), v.headers))
+        timings["encode_s"] += time.perf_counter() - start
+    return out
+
+
+def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator: Any,
+                   timings: dict[str, float]) -> list[tuple[Any, list[pydicom.Dataset]]] | None:
+    """A series whose slices were (partly) encoded while it arrived: headers only for the
+    geometry, pixels and encoding for the slices not cached yet. ``None`` when the series
+    cannot be read this way (multi-frame objects; a model that sees whole volumes)."""
+    import numpy as np
+    import torch
+
+    from models.msvlm import EncodedView
+    from storage.volumes import VolumeError, read_series_headers, read_slice
+
+    if not generator.streamable:
+        return None
+    start = time.perf_counter()
+    try:
+        ordered, view_headers, z = read_series_headers(files)
+    except VolumeError as exc:
+        if "multi-frame" in str(exc):
+            return None
+        raise
+    first = view_headers[0]
+    modality = str(first.Modality)
+    missing = [p for p in ordered if p not in hits]
+    fresh: dict[Path, np.ndarray] = {}
+    for chunk in range(0, len(missing), 32):  # at most 32 slices of pixels in memory
+        part = missing[chunk:chunk + 32]
+        pixels = np.stack([read_slice(p) for p in part])
+        timings["load_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        fresh.update(zip(part, generator.encode_images(pixels, modality)))
+        timings["encode_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+    rows = [fresh[p] if p in fresh else np.frombuffer(hits[p], dtype="<f4") for p in ordered]
+    timings["load_s"] += time.perf_counter() - start
+    view = EncodedView(torch.from_numpy(np.stack(rows).astype(np.float32)),
+                       torch.as_tensor(z, dtype=torch.float32), modality,
+                       classify.plane(first).value, classify.phase(first),
+                       str(first.SeriesInstanceUID))
+    return [(view, view_headers)]

@@ -43,7 +43,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if job.state.value == "done":
             times = json.loads(job.timings or "{}")
             result = f"SR {job.sr_sop_instance_uid} ({job.series_read}; " \
-                     f"{sum(times.values()):.1f} s)"
+                     f"{sum(v for k, v in times.items() if k.endswith('_s')):.1f} s)"
         else:
             result = job.error or ""
         print(f"{job.id:>5}  {job.state.value:<8} {job.attempts:>3}  "

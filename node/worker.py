@@ -15,20 +15,24 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import pydicom
 from sqlalchemy import select
 
 from node.config import Config
 from node.draft import Draft, ReportError, draft_study
 from node.jobs import JobQueue, Outcome, default_owner
-from node.selection import SeriesInfo, rules_for
+from node.selection import SeriesInfo, rules_for, select_series
 from storage.files import FileStore
 from storage.index import NON_REPORTABLE_SOP_PREFIXES, Index, InstanceRecord
-from storage.schema import Instance, Job, JobState, Series
+from storage.schema import Instance, Job, JobState, Series, Study
 
 logger = logging.getLogger(__name__)
+
+STREAM_YIELD_SPOOL = 32
+"""Streaming waits while more files than this wait in the spool (receiving comes first)."""
 
 
 class Worker:
@@ -59,6 +63,7 @@ class Worker:
         self.generator = generator or ReportGenerator.from_pretrained(
             config.model.checkpoint_path, config.model.device)
         self.rules = rules_for(config.selection, self.generator.card)  # type: ignore[attr-defined]
+        self._stream_failed: set[int] = set()  # instances streaming could not read
 
     def close(self) -> None:
         self.index.close()
@@ -69,12 +74,57 @@ class Worker:
                     getattr(self.generator, "version", "?"))
         while not stop.is_set():
             try:
-                ran = self.run_once()
+                ran = self.run_once() or self.stream_once() > 0
             except Exception:  # noqa: BLE001 - the index may be briefly unavailable
                 logger.exception("Worker loop error; continuing")
                 ran = False
             if not ran:
                 stop.wait(self.poll_s)
+
+    def stream_once(self, batch: int = 16) -> int:
+        """Encode up to ``batch`` slices of studies still arriving (``[worker] stream``) and
+        keep their embeddings; return how many. Receiving comes first: nothing is done while
+        more than :data:`STREAM_YIELD_SPOOL` files wait in the spool (what is left is encoded
+        at completion). Slices of series the selection would skip are never encoded."""
+        generator: Any = self.generator
+        if not self.config.worker.stream or not generator.streamable:
+            return 0
+        if len(self.index.store.pending()) > STREAM_YIELD_SPOOL:
+            return 0
+        key = generator.stream_key
+        rows = [(i, p, s) for i, p, s in self.index.unencoded(key, batch * 8)
+                if i not in self._stream_failed and self._streamable_series(s)][:batch]
+        if not rows:
+            return 0
+        from storage.volumes import VolumeError, read_slice
+
+        by_modality: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+        for instance_id, path, series in rows:
+            try:
+                by_modality[series.modality or ""].append((instance_id, read_slice(path)))
+            except (VolumeError, OSError) as exc:  # read again (and judged) at completion
+                logger.debug("Streaming skips %s: %s", path.name, exc)
+                self._stream_failed.add(instance_id)
+        done: dict[int, bytes] = {}
+        for modality, items in by_modality.items():
+            shapes: dict[tuple[int, ...], list[tuple[int, Any]]] = defaultdict(list)
+            for instance_id, pixels in items:
+                shapes[pixels.shape].append((instance_id, pixels))
+            for group in shapes.values():
+                embeddings = generator.encode_images(np.stack([p for _, p in group]), modality)
+                done.update((i, e.astype("<f4").tobytes()) for (i, _), e in zip(group, embeddings))
+        self.index.put_embeddings(key, done)
+        if done:
+            logger.debug("Streamed %d slices", len(done))
+        return len(done)
+
+    def _streamable_series(self, series: Series) -> bool:
+        """Whether the selection could choose this series (its slice count aside: it grows)."""
+        info = SeriesInfo(series.series_instance_uid, series.modality or "", series.body_part,
+                          series.plane, series.phase, 1 << 30, series.is_localizer,
+                          series.image_type.split("\\") if series.image_type else (), True,
+                          series.series_number, series.series_description or "")
+        return bool(select_series([info], self.rules).chosen)
 
     def run_once(self) -> bool:
         """Run one job if one is due; ``True`` when a job was run."""
@@ -135,6 +185,11 @@ class Worker:
                             s.series_description or "") for s in series]
         return infos, paths, [f"{ae}@{addr}" for ae, addr in sorted(senders)]
 
+    def _study_uid(self, job: Job) -> str:
+        with self.index.sessions() as session:
+            return str(session.scalars(select(Study.study_instance_uid).where(
+                Study.id == job.study_id)).one())
+
     def _previous(self, job: Job) -> list[pydicom.Dataset]:
         with self.index.sessions() as session:
             done = session.scalars(select(Job.sr_path).where(
@@ -168,10 +223,13 @@ class Worker:
         start = time.perf_counter()
         series, paths, senders = self._study_series(job)
         collect_s = time.perf_counter() - start
+        generator: Any = self.generator
+        cached = (self.index.embeddings_of_study(generator.stream_key, self._study_uid(job))
+                  if self.config.worker.stream and generator.streamable else None)
         draft: Draft = draft_study(series, paths, self.generator, self.rules,
                                    self.index.device_uid, previous=self._previous(job),
                                    pdf=self.config.report.pdf,
-                                   key_images=self.config.report.key_images)
+                                   key_images=self.config.report.key_images, cached=cached)
         start = time.perf_counter()
         sr_path = self._store(draft.sr)
         pdf = (str(draft.pdf.SOPInstanceUID), self._store(draft.pdf)) if draft.pdf else None

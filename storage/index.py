@@ -15,14 +15,16 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy import create_engine, delete, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import classify
 from storage.files import FileStore
 from storage.header import read_header_file
-from storage.schema import Instance, NodeIdentity, Series, Study, StudyState
+from storage.schema import (
+    Instance, NodeIdentity, Series, SliceEmbedding, Study, StudyState,
+)
 from storage.uids import check_uid
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ def migrate(engine: Engine) -> None:
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def utcnow_naive() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def _utc(ns: int) -> datetime:
@@ -290,6 +296,9 @@ class Index:
                         touched.add(instance.series_id)
                     for key, value in values.items():
                         setattr(instance, key, value)
+                    # the file may hold other pixels now (overwrite, reindex): encode again
+                    session.execute(delete(SliceEmbedding).where(
+                        SliceEmbedding.instance_id == instance.id))
                 instance.series = series
             session.flush()
             touched |= {s.id for s in series_by_uid.values()}
@@ -441,6 +450,49 @@ class Index:
     def instance_count(self) -> int:
         with self.sessions() as session:
             return session.scalar(select(func.count()).select_from(Instance)) or 0
+
+    # -- slice embeddings (streaming) ---------------------------------------------------------
+    def unencoded(self, model_key: str, limit: int) -> list[tuple[int, Path, Series]]:
+        """Single-frame image instances of studies still arriving (state ``receiving``) that
+        have no embedding under ``model_key``: (instance id, file, its series), oldest first."""
+        encoded = select(SliceEmbedding.instance_id).where(
+            SliceEmbedding.instance_id == Instance.id, SliceEmbedding.model_key == model_key)
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Instance.id, Instance.path, Series)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Series.study_id)
+                .where(Study.state == StudyState.RECEIVING, Instance.rows.is_not(None),
+                       func.coalesce(Instance.number_of_frames, 1) <= 1, ~encoded.exists())
+                .order_by(Instance.received_at).limit(limit)).all()
+            session.expunge_all()
+        return [(int(i), self.store.root / p, series) for i, p, series in rows]
+
+    def put_embeddings(self, model_key: str, embeddings: dict[int, bytes]) -> None:
+        """Keep embeddings by instance id (an instance deleted meanwhile is skipped)."""
+        now = utcnow_naive()
+        with self.sessions.begin() as session:
+            alive = set(session.scalars(select(Instance.id).where(
+                Instance.id.in_(embeddings))))
+            existing = set(session.scalars(select(SliceEmbedding.instance_id).where(
+                SliceEmbedding.model_key == model_key,
+                SliceEmbedding.instance_id.in_(embeddings))))
+            for instance_id, data in embeddings.items():
+                if instance_id in alive and instance_id not in existing:
+                    session.add(SliceEmbedding(instance_id=instance_id, model_key=model_key,
+                                               embedding=data, created_at=now))
+
+    def embeddings_of_study(self, model_key: str, study_instance_uid: str) -> dict[Path, bytes]:
+        """The study's embeddings under ``model_key``, by file."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Instance.path, SliceEmbedding.embedding)
+                .join(SliceEmbedding, SliceEmbedding.instance_id == Instance.id)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Series.study_id)
+                .where(Study.study_instance_uid == study_instance_uid,
+                       SliceEmbedding.model_key == model_key)).all()
+        return {self.store.root / p: bytes(e) for p, e in rows}
 
     def instances(self, series_instance_uid: str) -> list[Instance]:
         """The instances of one series, ordered by position along the normal."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, String
+from sqlalchemy import (
+    BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, LargeBinary, String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -95,6 +97,22 @@ class Instance(Base):
     image_type: Mapped[str | None] = mapped_column(String(128))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class SliceEmbedding(Base):
+    """One slice's embedding by one model's vision tower, computed while its study arrives
+    (streaming) and read when the study is drafted. Keyed by the instance and the model key
+    (model version + preprocessing), so model versions never mix; dropped with the instance
+    (database cascade) and whenever the instance row is re-indexed."""
+
+    __tablename__ = "slice_embedding"
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    model_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    """float32, little endian, the tower's output width."""
+    created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class JobState(str, enum.Enum):

@@ -323,7 +323,10 @@ def _read_multiframe(ds: Dataset) -> SeriesVolume:
     return _volume(pixels, z, volume.pixel_spacing, [ds])
 
 
-def _read_single_frames(datasets: list[Dataset]) -> SeriesVolume:
+def _order_single_frames(datasets: list[Dataset]) -> tuple[list[Dataset], np.ndarray]:
+    """The slices in order along their normal and each one's position there, after the checks
+    every single-frame series passes (one orientation within tolerance, no repeated position,
+    one size, stacked along the normal); headers suffice."""
     if any("ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds
            for ds in datasets):
         raise VolumeError("a slice lacks position or orientation")
@@ -335,18 +338,65 @@ def _read_single_frames(datasets: list[Dataset]) -> SeriesVolume:
     if len(np.unique(positions.round(4))) != len(positions):
         raise VolumeError("repeated slice positions (several images at one place)")
     order = np.argsort(positions)
-    ordered = [datasets[i] for i in order]
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(shapes) != 1:
         raise VolumeError(f"slices of sizes {sorted(shapes)}")
     _check_stacked_along_normal(datasets, iop)
+    return [datasets[i] for i in order], positions[order]
+
+
+def read_series_headers(paths: Sequence[str | Path]) -> tuple[list[Path], list[Dataset],
+                                                              np.ndarray]:
+    """A single-frame series' files and headers (no pixel data) in slice order, and each
+    slice's position along the normal: the geometry of :func:`read_series` without reading
+    pixels (streaming reads those slice by slice, :func:`read_slice`).
+
+    Raises
+    ------
+    VolumeError
+        As :func:`read_series`; also for multi-frame objects (read them with it).
+    """
+    try:
+        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        if not datasets:
+            raise VolumeError("no files")
+        if len({str(ds.SeriesInstanceUID) for ds in datasets}) != 1:
+            raise VolumeError("files of several series")
+        if any(_is_multiframe(ds) for ds in datasets):
+            raise VolumeError("multi-frame objects are read whole")
+        for ds, path in zip(datasets, paths):
+            ds.filename = str(path)
+        ordered, z = _order_single_frames(datasets)
+        return [Path(str(ds.filename)) for ds in ordered], ordered, z
+    except VolumeError:
+        raise
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see read_series
+        raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_slice(path: str | Path) -> np.ndarray:
+    """One single-frame image's pixels as float32 ``(H, W)`` after the modality LUT (HU for
+    CT), as stored: the values :func:`read_series` puts in that slice of the volume."""
+    try:
+        ds = pydicom.dcmread(path)
+        return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see read_series
+        raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
+
+
+def _read_single_frames(datasets: list[Dataset]) -> SeriesVolume:
+    ordered, z_sorted = _order_single_frames(datasets)
     try:
         volume = hd.get_volume_from_series(datasets, dtype=np.float32)
         pixels, z = _along_normal(volume)
     except ValueError as exc:
         if "regularly-spaced" not in str(exc):
             raise
-        pixels, z = _stack_slices(ordered, positions[order])  # irregular spacing
+        pixels, z = _stack_slices(ordered, z_sorted)  # irregular spacing
     first = datasets[0]
     return _volume(pixels, z, (float(first.PixelSpacing[0]), float(first.PixelSpacing[1])),
                    ordered)

@@ -16,7 +16,6 @@ import random
 import socket
 import struct
 from dataclasses import dataclass, field
-from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
