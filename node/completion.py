@@ -33,8 +33,9 @@ def scan_interval_s(config: Config) -> float:
 
 
 def delivery_interval_s(config: Config) -> float:
-    """How often due deliveries are sent: half the first retry delay, 0.25 s to 5 s."""
-    return min(5.0, max(0.25, config.delivery.retry_delay_s / 2))
+    """How often the outbox is looked at: 0.25 s, so a new draft leaves at once (retries wait
+    for their own ``next_try_at``); half the first retry delay when that is shorter."""
+    return max(0.05, min(0.25, config.delivery.retry_delay_s / 2))
 
 
 class Scheduler:

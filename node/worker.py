@@ -48,7 +48,7 @@ class Worker:
         How often an idle worker looks for jobs.
     """
 
-    def __init__(self, config: Config, generator: object = None, poll_s: float = 0.5) -> None:
+    def __init__(self, config: Config, generator: object = None, poll_s: float = 0.2) -> None:
         from models.generator import ReportGenerator
 
         self.config = config
@@ -68,8 +68,37 @@ class Worker:
     def close(self) -> None:
         self.index.close()
 
+    def warm_up(self) -> None:
+        """Draft a tiny synthetic study once, unsaved: the first real study then does not pay
+        the first-call costs (imports, highdicom's SR machinery, torch kernels: ~1 s)."""
+        import dataclasses
+        import tempfile
+
+        from storage.volumes import StudyInfo, write_ct_series
+
+        start = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = write_ct_series(tmp, np.full((16, 32, 32), -1000.0, np.float32),
+                                        [float(k) for k in range(16)], (1.0, 1.0), "axial",
+                                        "non_contrast", StudyInfo("1.2.826.0.1.3680043.10.1452.0"
+                                                                  ".1", "WARMUP"))
+                header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+                uid = str(header.SeriesInstanceUID)
+                info = SeriesInfo(uid, "CT", "CHEST", "axial", "non_contrast", 16, False,
+                                  ("ORIGINAL", "PRIMARY", "AXIAL"), True, 1, "")
+                draft_study([info], {uid: paths}, self.generator,
+                            dataclasses.replace(self.rules, min_slices=1, modalities=("*",),
+                                                body_parts=("*",)),
+                            self.index.device_uid, pdf=self.config.report.pdf,
+                            key_images=self.config.report.key_images)
+        except Exception as exc:  # noqa: BLE001 - only a warm-up: the real work decides
+            logger.debug("Warm-up draft failed: %s", exc)
+        logger.debug("Warm-up took %.2f s", time.perf_counter() - start)
+
     def run(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop`` is set."""
+        self.warm_up()
         logger.info("Worker %s ready (%s)", self.owner,
                     getattr(self.generator, "version", "?"))
         while not stop.is_set():
