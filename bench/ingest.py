@@ -122,12 +122,15 @@ class Node(Receiver):
         cfg = self.work / "node.toml"
         cfg.write_text(f'[node]\nae_title = "MSVLM"\nbind_address = "127.0.0.1"\n'
                        f"port = {self.port}\naccept_unknown_peers = true\n"
-                       f'[storage]\nroot = "{self.work / "store"}"\nmin_free_bytes = 0\n')
+                       f'[storage]\nroot = "{self.work / "store"}"\nmin_free_bytes = 0\n'
+                       # streaming on (the default) and engaged for any body part, so the
+                       # worker encodes slices while they arrive, as in a deployment
+                       f'[worker]\nstream = true\n[selection]\nbody_parts = ["*"]\n')
         self.proc = subprocess.Popen([MSVLM_NODE, "serve", "-c", str(cfg), "--log-level",
                                       "WARNING"], env=ENV)
         wait_port(self.port)
-        # Deployed as is (completion scan, delivery, one model worker): the worker loads the
-        # checkpoint at start-up; measure the steady state after it.
+        # Deployed as is (completion scan, delivery, one model worker that streams): the
+        # worker loads the checkpoint at start-up; measure the steady state after it.
         time.sleep(8)
 
     def indexed(self) -> int | None:
