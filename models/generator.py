@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +18,10 @@ from models.findings import key_slices
 from models.msvlm import MSVLM, EncodedView, MSVLMConfig
 from models.report import Finding, Report, load_tokenizer, parse_report, special_ids
 from models.view import View
+
+# generate() on inputs_embeds applies the repetition penalty to the new tokens only, which is
+# what a report from visual tokens wants; transformers says so on every call
+warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # a completion scan still running when the next is due is skipped on purpose (coalesced)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         return int(args.func(args))

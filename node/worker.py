@@ -31,6 +31,9 @@ from storage.schema import Instance, Job, JobState, Series, Study
 
 logger = logging.getLogger(__name__)
 
+WORKER_NICENESS = 10
+"""Niceness of the worker processes ``serve`` starts (as its indexer thread): the C-STORE
+path keeps the cores while images arrive; an idle machine gives the workers all of them."""
 STREAM_YIELD_SPOOL = 32
 """Streaming waits while more files than this wait in the spool (receiving comes first)."""
 
@@ -305,11 +308,15 @@ def worker_process(config: Config, log_level: int, parent_pid: int | None = None
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     from node.scp import set_parent_death_signal
 
     set_parent_death_signal(signal.SIGTERM)
+    try:  # receiving first: on a busy machine the receiving processes win the cores
+        os.nice(WORKER_NICENESS)
+    except OSError:  # pragma: no cover - not permitted
+        pass
     stop = threading.Event()
     loaded = stop_on_signals(stop, interrupt=False)
     if parent_pid is not None:
