@@ -174,6 +174,19 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the record of who sent what and who received which draft."""
+
+    path: str = "audit.jsonl"
+    """JSON lines file, relative to the storage root; ``""`` = no file."""
+    journal: bool = False
+    """Also log each line (logger ``node.audit``, so the journal under systemd)."""
+
+    def file(self, root: Path) -> Path | None:
+        return (root / self.path) if self.path else None
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """``[worker]``: the processes that run the model."""
 
@@ -200,6 +213,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def peer_for_store(self, calling_ae_title: str, address: str) -> PeerConfig | None:
         """Return the peer allowed to store with this calling AE title from this address."""
@@ -215,7 +229,7 @@ class Config:
             ("node", self.node), ("tls", self.tls), ("storage", self.storage),
             ("completion", self.completion), ("model", self.model),
             ("selection", self.selection), ("report", self.report),
-            ("delivery", self.delivery), ("worker", self.worker),
+            ("delivery", self.delivery), ("worker", self.worker), ("audit", self.audit),
         ]
         sections += [(f"peers.{name}", peer) for name, peer in self.peers.items()]
         for title, section in sections:
@@ -403,7 +417,7 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
     """Validate an already parsed TOML document; see :func:`load_config`."""
     base = cfg_path.resolve().parent
     known_sections = {"node", "tls", "peers", "storage", "completion", "model", "selection",
-                      "report", "delivery", "worker"}
+                      "report", "delivery", "worker", "audit"}
     for name in raw:
         if name not in known_sections:
             raise ConfigError(f"{cfg_path}: [{name}]: unknown section (known: "
@@ -514,6 +528,11 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
         expected_count_cue=s.get("expected_count_cue", bool, d_completion.expected_count_cue),
     )
 
+    s = _Section(cfg_path, "audit", raw.get("audit", {}),
+                 {f.name for f in dataclasses.fields(AuditConfig)})
+    audit = AuditConfig(path=s.get("path", str, AuditConfig.path),
+                        journal=s.get("journal", bool, AuditConfig.journal))
+
     s = _Section(cfg_path, "model", raw.get("model", {}), {"checkpoint", "device", "threads"})
 
     def checkpoint(value: str) -> str:
@@ -536,7 +555,8 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
                         device=s.get("device", str, "auto", device),
                         threads=s.get("threads", int, 0, _non_negative))
     return Config(path=cfg_path, node=node, tls=tls, peers=peers, storage=storage,
-                  completion=completion, model=model, **_pipeline_sections(raw, cfg_path, peers))
+                  completion=completion, model=model, audit=audit,
+                  **_pipeline_sections(raw, cfg_path, peers))
 
 
 def _strings(allowed: Sequence[str] | None = None, upper: bool = False) -> Callable[[Any], Any]:

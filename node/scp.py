@@ -49,6 +49,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.audit import AuditTrail
 from node.config import Config, DuplicatePolicy
 from storage.files import FileStore, dataset_offset, file_meta_bytes
 from storage.header import scan_identifiers
@@ -102,6 +103,10 @@ class AssociationStats:
     failed: int = 0
     studies: set[str] = field(default_factory=set)
     """Studies this association stored instances of (each counted once in ``open_studies``)."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """C-STORE statuses answered (``"0x0000"``: count)."""
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class StoreHandler:
@@ -151,6 +156,9 @@ class StoreHandler:
         stats = self.stats.setdefault(id(assoc), AssociationStats())
         status, study_uid = self._store(event)
         code = status if isinstance(status, int) else int(status.Status)
+        key = f"0x{code:04X}"
+        stats.statuses[key] = stats.statuses.get(key, 0) + 1
+        stats.bytes += len(event.request.DataSet.getbuffer())
         if code == SUCCESS:
             stats.stored += 1
             if study_uid is not None and study_uid not in stats.studies:
@@ -270,6 +278,9 @@ class NodeACSE(ACSE):
             return
         logger.warning("Association from %r@%s to %r rejected: %s", calling, address, called,
                        reason[0])
+        server.audit.record("association", calling=calling, called=called, address=address,
+                            accepted=False, reason=reason[0],
+                            rejection=list(reason[1]))
         self.send_reject(*reason[1])
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
@@ -479,9 +490,10 @@ class AddressLimit:
     """Open connections per remote address over all receiving processes, so that one address
     that opens connections and sends nothing (or opens many) cannot lock out a scanner."""
 
-    def __init__(self, limit: int, counts: SharedCounts) -> None:
+    def __init__(self, limit: int, counts: SharedCounts, audit: AuditTrail | None = None) -> None:
         self.limit = limit
         self.counts = counts
+        self.audit = audit
         self._admitted: dict[Any, str] = {}
         self._refused: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
@@ -509,6 +521,10 @@ class AddressLimit:
             logger.warning("Connection from %s closed: %d connections open from that address "
                            "(max_associations_per_address)%s", host, self.limit,
                            f"; {count} more refused in the last minute" if count else "")
+            if self.audit is not None:
+                self.audit.record("connection_refused", address=host,
+                                  reason="max_associations_per_address",
+                                  refused_in_last_minute=count + 1)
             self._refused[host] = (now, 0)
         else:
             self._refused[host] = (since, count + 1)
@@ -538,6 +554,7 @@ class NodeServer(ThreadedAssociationServer):
         self.active = active
         self.slot = slot
         self.address_limit = address_limit
+        self.audit = address_limit.audit or AuditTrail(None)
         super().__init__(ae, listen_socket.getsockname()[:2], ae_title, contexts, ssl_context,
                          evt_handlers, request_handler=NodeRequestHandler)
         self.daemon_threads = True
@@ -703,6 +720,7 @@ class Receiver:
             open_studies = multiprocessing.Array("i", (slot + 1) * STUDY_BUCKETS)
         self.store_handler = StoreHandler(config, store,
                                           SharedCounts(open_studies, slot, STUDY_BUCKETS))
+        self.audit = AuditTrail.from_config(config)
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.maximum_associations = max(config.node.max_associations * 2, 10)
         self.ae.maximum_pdu_size = config.node.max_pdu_bytes
@@ -721,7 +739,8 @@ class Receiver:
                                  make_ssl_context(config), handlers, AssociationPolicy(config),
                                  active, slot, AddressLimit(
                                      config.node.max_associations_per_address,
-                                     SharedCounts(per_address, slot, ADDRESS_BUCKETS)))
+                                     SharedCounts(per_address, slot, ADDRESS_BUCKETS),
+                                     self.audit))
         self.ae._servers.append(self.server)
         self._thread: threading.Thread | None = None
 
@@ -731,14 +750,23 @@ class Receiver:
 
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
+        self.store_handler.stats.setdefault(id(event.assoc), AssociationStats())
         logger.info("Association from %r@%s:%s accepted", r.ae_title, r.address, r.port)
 
     def _on_close(self, event: evt.Event) -> None:
-        stats = self.store_handler.closed(event.assoc)
+        assoc = event.assoc
+        stats = self.store_handler.closed(assoc)
         if stats is not None:
-            r = event.assoc.requestor
+            r = assoc.requestor
             logger.info("Association from %r@%s closed: %d stored, %d failed", r.ae_title,
                         r.address, stats.stored, stats.failed)
+            self.audit.record(
+                "association", calling=str(r.ae_title).strip(),
+                called=str(assoc.acceptor.ae_title).strip(), address=r.address, port=r.port,
+                accepted=True, ended="released" if assoc.is_released else "aborted",
+                stored=stats.stored, failed=stats.failed, statuses=stats.statuses,
+                studies=sorted(stats.studies), bytes=stats.bytes,
+                duration_s=round(time.monotonic() - stats.started, 3))
 
     def start(self) -> None:
         """Serve in a background thread."""

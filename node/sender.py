@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
+from node.audit import AuditTrail
 from node.config import Config
 from node.jobs import JobQueue, utcnow
 from node.scu import Target, send
@@ -37,6 +38,7 @@ class Sender:
         self.queue = queue
         self.config = config
         self.batch = batch
+        self.audit = AuditTrail.from_config(config)
 
     def backoff_s(self, attempts: int) -> float:
         """Delay before the next try after ``attempts`` failed ones."""
@@ -67,6 +69,7 @@ class Sender:
                     Delivery.id.in_(list(results)))):
                 error = results[delivery.id]
                 delivery.attempts += 1
+                self._audit(delivery, error)
                 if error is None:
                     delivery.state, delivery.sent_at, delivery.last_error = \
                         DeliveryState.SENT, now, None
@@ -82,6 +85,16 @@ class Sender:
                     delivery.next_try_at = now + timedelta(seconds=delay)
                     logger.warning("Delivery %d to %s failed (attempt %d), next try in %.0f s: %s",
                                    delivery.id, delivery.peer, delivery.attempts, delay, error)
+
+    def _audit(self, delivery: Delivery, error: str | None) -> None:
+        peer = self.config.peers.get(delivery.peer)
+        state = ("sent" if error is None else
+                 "dead" if delivery.attempts > self.config.delivery.max_retries else "retry")
+        self.audit.record("delivery", peer=delivery.peer,
+                          called=peer.ae_title if peer else None,
+                          address=f"{peer.host}:{peer.port}" if peer else None,
+                          sop_instance_uid=delivery.sop_instance_uid, job=delivery.job_id,
+                          attempt=delivery.attempts, outcome=state, error=error)
 
     def run_once(self) -> int:
         """Send what is due; return how many objects were stored at their destination."""

@@ -4,6 +4,7 @@ batch (no model involved)."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -81,3 +82,14 @@ def test_dead_letters_resend_and_one_association_per_batch(tmp_path: Path,
         assert len(scp.files()) == 3
     finally:
         scp.stop()
+    # the audit trail: every attempt of every object, in order (retry, dead, then after the
+    # resend, which starts counting again, sent)
+    lines = [json.loads(line) for line in
+             (config.storage.root / "audit.jsonl").read_text().splitlines()]
+    for uid, _ in objects:
+        mine = [(d["attempt"], d["outcome"]) for d in lines
+                if d["event"] == "delivery" and d["sop_instance_uid"] == uid]
+        assert mine == [(1, "retry"), (2, "dead"), (1, "sent")], mine
+    sent = [d for d in lines if d.get("outcome") == "sent"]
+    assert {(d["peer"], d["called"], d["address"]) for d in sent} == {
+        ("pacs", scp.ae_title, f"127.0.0.1:{scp.port}")}

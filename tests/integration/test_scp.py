@@ -393,3 +393,35 @@ def test_slowloris_address_cannot_lock_out_a_scanner(
             break
         time.sleep(0.1)
     assert again.is_rejected and int(again.acceptor.primitive.diagnostic) == 3
+
+
+def test_audit_trail_of_accepted_and_rejected_associations(
+        make_config: Callable[..., Config], start_node: Callable[..., Node],
+        built_samples: Samples) -> None:
+    import json
+
+    config = make_config(node={"accept_unknown_peers": False},
+                         peers__ct={"ae_title": "CT01", "host": "127.0.0.1", "port": 104})
+    node = start_node(config)
+    files = built_samples.ct_files[:5]
+    result = storescu(node, *files, calling="CT01")
+    assert result.returncode == 0, result.stderr
+    stranger = associate(node, calling="STRANGER")
+    assert stranger.is_rejected
+    audit = config.storage.root / "audit.jsonl"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and audit.read_text().count("\n") < 2:
+        time.sleep(0.05)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    [accepted] = [d for d in lines if d["event"] == "association" and d["accepted"]]
+    assert (accepted["calling"], accepted["called"], accepted["ended"]) == ("CT01", "MSVLM",
+                                                                           "released")
+    assert accepted["stored"] == 5 and accepted["statuses"] == {"0x0000": 5}
+    assert accepted["studies"] == [built_samples.ct_study_uid]
+    assert accepted["bytes"] > 5 * 64 * 64 * 2 and accepted["duration_s"] > 0
+    [rejected] = [d for d in lines if d["event"] == "association" and not d["accepted"]]
+    assert rejected["calling"] == "STRANGER" and rejected["rejection"] == [1, 1, 3]
+    assert "calling AE title" in rejected["reason"]
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    text = audit.read_text()  # never PHI
+    assert str(header.PatientName) not in text and str(header.PatientID) not in text
