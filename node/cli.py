@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stopped before the service installs its own handlers (building the parser alone
         # imports torch): a clean stop, nothing was started yet
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before there is anything to reload
     args = build_parser().parse_args(given)
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",

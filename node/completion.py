@@ -15,6 +15,7 @@ from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from node.audit import AuditTrail
 from node.config import Config
 from node.jobs import JobQueue
 from node.sender import Sender
@@ -79,6 +80,12 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - rows keep their state; the next run tries again
             logger.exception("Delivery run failed")
             return 0
+
+    def reload(self, config: Config) -> None:
+        """New completion and delivery settings for the next scans and sends."""
+        self.queue.config = config
+        self.sender.config = config
+        self.sender.audit = AuditTrail.from_config(config)
 
     def start(self) -> None:
         self.scheduler.start()

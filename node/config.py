@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -42,6 +43,9 @@ class DuplicatePolicy(str, enum.Enum):
     """Replace the stored instance with the new one."""
     REJECT = "reject"
     """Keep the stored instance and answer 0x0111 (Duplicate SOP Instance)."""
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -629,3 +633,39 @@ def _pipeline_sections(raw: Mapping[str, Any], cfg_path: Path,
                           max_attempts=s.get("max_attempts", int, d3.max_attempts, _positive),
                           stream=s.get("stream", bool, d3.stream))
     return dict(selection=selection, report=report, delivery=delivery, worker=worker)
+
+
+RESTART_KEYS = {"node": ("bind_address", "port", "receive_processes"),
+                "storage": ("root", "database_url"), "worker": ("processes",)}
+"""Keys a reload leaves as they were (with the whole ``[tls]`` and ``[model]``): they need a
+restart of ``serve`` (sockets, files, processes, the loaded model)."""
+
+
+def reload_config(current: Config, quiet: bool = False) -> Config:
+    """Read ``current.path`` again (``systemctl reload``, SIGHUP) and return what to apply:
+    the new values, except the keys that need a restart, which are left as they were and (unless
+    ``quiet``) logged as "needs a restart".
+
+    Raises
+    ------
+    ConfigError
+        The file is unreadable or breaks a rule (the message names file, key and rule); the
+        running configuration stays.
+    """
+    new = load_config(current.path)
+    kept: dict[str, Any] = {}
+    changed: list[str] = []
+    for section, keys in RESTART_KEYS.items():
+        old_part, new_part = getattr(current, section), getattr(new, section)
+        for key in keys:
+            if getattr(old_part, key) != getattr(new_part, key):
+                changed.append(f"[{section}] {key}")
+        kept[section] = dataclasses.replace(new_part, **{k: getattr(old_part, k) for k in keys})
+    for section in ("tls", "model"):
+        if getattr(current, section) != getattr(new, section):
+            changed.append(f"[{section}]")
+        kept[section] = getattr(current, section)
+    if changed and not quiet:
+        logger.warning("%s: %s changed: needs a restart; left as it was", current.path,
+                       ", ".join(changed))
+    return dataclasses.replace(new, **kept)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import threading
 from typing import Any
 
@@ -26,6 +27,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     loaded = stop_on_signals(stop)  # a SIGTERM while the model loads: exit 0 at once
     worker = Worker(load_config(args.config))
+    signal.signal(signal.SIGHUP, lambda *_: worker.reload())  # re-read the file
     loaded()
     try:
         worker.run(stop)

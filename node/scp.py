@@ -748,6 +748,19 @@ class Receiver:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
+    def reload(self, config: Config) -> None:
+        """Apply a reloaded configuration to the associations that start from now on (those in
+        flight finish under the rules they were accepted with): peers and the association
+        policy, duplicate policy, free-space floor, per-address limit, audit settings."""
+        self.config = config
+        self.server.policy = AssociationPolicy(config)
+        handler = self.store_handler
+        handler.policy = config.storage.duplicate_policy
+        handler.min_free_bytes = config.storage.min_free_bytes
+        self.server.address_limit.limit = config.node.max_associations_per_address
+        audit = AuditTrail.from_config(config)
+        self.audit.path, self.audit.journal = audit.path, audit.journal
+
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         self.store_handler.stats.setdefault(id(event.assoc), AssociationStats())

@@ -16,10 +16,10 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from node.completion import Scheduler
-from node.config import Config
+from node.config import Config, ConfigError, reload_config
 from node.jobs import JobQueue
 from node.scp import (
     ADDRESS_BUCKETS, STUDY_BUCKETS, Receiver, listen_socket, set_parent_death_signal,
@@ -43,11 +43,20 @@ def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int
     receiver = Receiver(config, store, sock, active, slot, per_address, open_studies)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: _reload_receiver(receiver))
     receiver.start()
     while not stop.wait(1.0):
         if os.getppid() == 1:  # parent gone before the death signal was armed
             break
     receiver.stop()
+
+
+def _reload_receiver(receiver: Receiver) -> None:
+    """SIGHUP in a receiving process (sent by the serving process after its own reload)."""
+    try:
+        receiver.reload(reload_config(receiver.config, quiet=True))
+    except ConfigError:
+        pass  # the serving process logged it and kept its configuration
 
 
 class Node:
@@ -123,7 +132,13 @@ class Node:
         proc = self._worker_ctx.Process(
             target=worker_process, name=f"msvlm-worker-{n}", daemon=True,
             args=(self.config, logging.getLogger().getEffectiveLevel(), os.getpid()))
-        proc.start()
+        # the worker starts with SIGHUP blocked (the mask survives exec) until its handler is in
+        # place, so a reload while it loads the model is not its end
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return proc
 
     def _spawn(self, slot: int) -> multiprocessing.process.BaseProcess:
@@ -185,12 +200,50 @@ class Node:
             self.index.close()
         logger.info("Stopped")
 
+    def reload(self) -> bool:
+        """Read the config file again (SIGHUP, ``systemctl reload``) and apply it everywhere:
+        here (completion, delivery, peers), in the receiving processes and the workers (each
+        re-reads the same file on SIGHUP). An invalid file changes nothing (one error naming
+        file, key and rule); keys that need a restart are logged and left as they were."""
+        try:
+            config = reload_config(self.config)
+        except ConfigError as exc:
+            logger.error("Configuration not reloaded, the running one stays: %s", exc)
+            return False
+        self.config = config
+        if self.receiver is not None:
+            self.receiver.reload(config)
+        if self.scheduler is not None:
+            self.scheduler.reload(config)
+        for proc in [*self.children, *self.workers]:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGHUP)
+        logger.info("Configuration reloaded from %s: %d peers", config.path, len(config.peers))
+        return True
+
     def serve(self) -> None:
-        """Run until SIGTERM or SIGINT."""
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
+        stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
+
+        def on(event: threading.Event) -> Callable[..., None]:
+            return lambda *_: (event.set(), wake.set())
+
+        signal.signal(signal.SIGTERM, on(stop))
+        signal.signal(signal.SIGINT, on(stop))
+        signal.signal(signal.SIGHUP, on(reload))
         self.start()
+        try:
+            while not stop.is_set():
+                wake.wait(1.0)
+                wake.clear()
+                if stop.is_set():
+                    break
+                if reload.is_set():
+                    reload.clear()
+                    self.reload()
+                self.supervise()
+        finally:
+            self.stop()
         try:
             while not stop.wait(1.0):
                 self.supervise()

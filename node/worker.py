@@ -71,6 +71,20 @@ class Worker:
     def close(self) -> None:
         self.index.close()
 
+    def reload(self) -> None:
+        """SIGHUP from the serving process: read the config file again and use it for the next
+        jobs ([selection], [report], [worker] stream, ...); an invalid file changes nothing
+        (the serving process logged why)."""
+        from node.config import ConfigError, reload_config
+
+        try:
+            config = reload_config(self.config, quiet=True)
+        except ConfigError:
+            return
+        self.config = config
+        self.queue.config = config
+        self.rules = rules_for(config.selection, self.generator.card)  # type: ignore[attr-defined]
+
     def warm_up(self) -> None:
         """Draft a tiny synthetic study once, unsaved: the first real study then does not pay
         the first-call costs (imports, highdicom's SR machinery, torch kernels: ~1 s)."""
@@ -331,6 +345,10 @@ def worker_process(config: Config, log_level: int, parent_pid: int | None = None
 
         threading.Thread(target=watch, name="msvlm-parent-watch", daemon=True).start()
     worker = Worker(config)
+    signal.signal(signal.SIGHUP, lambda *_: worker.reload())
+    # serve starts workers with SIGHUP blocked: a reload sent while the model loaded is
+    # delivered now, to the handler
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     loaded()
     try:
         worker.run(stop)

@@ -219,3 +219,68 @@ def test_worker_stopped_while_loading_exits_at_once(make_config: Callable[..., C
     worker.terminate()
     assert worker.wait(timeout=10) == 0
     assert time.monotonic() - start < 5
+
+
+def test_sighup_reloads_peers_without_a_restart(make_config: Callable[..., Config],
+                                                serve: Callable[[Config], ServeProcess],
+                                                built_samples: Samples) -> None:
+    config = make_config(node={"accept_unknown_peers": False, "receive_processes": 2},
+                         peers__ct={"ae_title": "CT01", "host": "127.0.0.1", "port": 104})
+    proc = serve(config)
+    assert config.path is not None
+    files = built_samples.ct_files[:3]
+
+    def push(calling: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dcmtk("storescu"), "-aet", calling, "-aec", "MSVLM", "127.0.0.1",
+                               str(config.node.port), *map(str, files)], capture_output=True,
+                              text=True, timeout=120, env={"TCP_NODELAY": "1"})
+
+    assert push("CT02").returncode != 0  # not a peer yet: rejected
+    pids = {proc.proc.pid} | children(proc.proc.pid)
+    ae = AE(ae_title="CT01")  # an association accepted before the reload, still open after it
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    in_flight = ae.associate("127.0.0.1", config.node.port, ae_title="MSVLM")
+    assert in_flight.is_established
+    text = config.path.read_text() + (
+        '\n[peers.ct2]\nae_title = "CT02"\nhost = "127.0.0.1"\nport = 104\n')
+    config.path.write_text(text)
+    proc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while push("CT02").returncode != 0:  # every receiving process re-read the file
+        assert time.monotonic() < deadline, "the new peer was never accepted"
+        time.sleep(0.5)
+    for _ in range(4):  # whichever receiving process takes it
+        assert push("CT02").returncode == 0
+    assert "Configuration reloaded" in proc.output()
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    assert in_flight.send_c_store(ds).Status == 0x0000  # finished under the old rules
+    in_flight.release()
+    assert {proc.proc.pid} | children(proc.proc.pid) == pids  # no process restarted
+
+    # a broken file is not applied: one error naming file, key and rule; the node serves on
+    config.path.write_text(text + '\n[peers.bad]\nae_title = "AN_AE_TITLE_FAR_TOO_LONG"\n'
+                                  'host = "127.0.0.1"\nport = 104\n')
+    proc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "Configuration not reloaded" not in proc.output():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    [error] = [line for line in proc.output().splitlines()
+               if "Configuration not reloaded" in line]
+    assert str(config.path) in error and "[peers.bad] ae_title" in error
+    assert push("CT02").returncode == 0 and push("CT01").returncode == 0
+    assert push("STRANGER").returncode != 0
+    assert proc.proc.poll() is None
+
+    # a key that needs a restart is left as it was, and said so
+    moved = text.replace(f"port = {config.node.port}\n", f"port = {config.node.port + 1}\n", 1)
+    assert moved != text
+    config.path.write_text(moved)
+    proc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "needs a restart" not in proc.output():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "[node] port changed: needs a restart; left as it was" in proc.output()
+    assert push("CT02").returncode == 0  # still on the old port, with the reloaded peers
