@@ -11,6 +11,7 @@ and the delivery retries in the serving process; neither touches the receive pat
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -64,6 +65,10 @@ class Scheduler:
                                id="completion", **options)
         self.scheduler.add_job(self.deliver, "interval", seconds=delivery_interval_s(config),
                                id="delivery", **options)
+        self.config = config
+        self.scheduler.add_job(self.retain, "interval", hours=24, id="retention",
+                               next_run_time=datetime.now(timezone.utc) + timedelta(minutes=1),
+                               **options)
 
     def scan(self) -> list[int]:
         try:
@@ -81,9 +86,23 @@ class Scheduler:
             logger.exception("Delivery run failed")
             return 0
 
+    def retain(self) -> int:
+        """The daily purge of studies older than ``[storage] retention_days`` (if set)."""
+        from node.retention import purge
+
+        days = self.config.storage.retention_days
+        if not days:
+            return 0
+        try:
+            return len(purge(self.queue.index, days).studies)
+        except Exception:  # noqa: BLE001 - tomorrow tries again; purging is idempotent
+            logger.exception("Retention purge failed")
+            return 0
+
     def reload(self, config: Config) -> None:
         """New completion and delivery settings for the next scans and sends."""
         self.queue.config = config
+        self.config = config
         self.sender.config = config
         self.sender.audit = AuditTrail.from_config(config)
 

@@ -106,6 +106,8 @@ class StorageConfig:
     database_url: str = ""
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP
     min_free_bytes: int = 1_000_000_000
+    retention_days: float = 0.0
+    """Studies whose newest instance is older are purged once a day (0 = keep forever)."""
 
     @property
     def effective_database_url(self) -> str:
@@ -495,7 +497,7 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
 
     d2 = StorageConfig()
     s = _Section(cfg_path, "storage", raw.get("storage", {}),
-                 {"root", "database_url", "duplicate_policy", "min_free_bytes"})
+                 {"root", "database_url", "duplicate_policy", "min_free_bytes", "retention_days"})
     policies = [p.value for p in DuplicatePolicy]
 
     def policy(value: str) -> DuplicatePolicy:
@@ -508,6 +510,7 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
         database_url=s.get("database_url", str, d2.database_url),
         duplicate_policy=s.get("duplicate_policy", str, d2.duplicate_policy, policy),
         min_free_bytes=s.get("min_free_bytes", int, d2.min_free_bytes, _non_negative),
+        retention_days=s.get("retention_days", float, d2.retention_days, _non_negative),
     )
     if "root" not in raw.get("storage", {}):
         try:

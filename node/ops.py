@@ -88,6 +88,26 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0 if count == len(set(args.ids)) else 1
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from node.retention import purge
+
+    config = load_config(args.config)
+    days = args.older_than if args.older_than is not None else config.storage.retention_days
+    if not days:
+        print("Nothing to do: [storage] retention_days is 0 (keep forever) and no --older-than")
+        return 2
+    result = purge(_queue(config).index, days, dry_run=args.dry_run)
+    if args.dry_run:
+        for uid in result.studies:
+            print(uid)
+        print(f"Would purge {len(result.studies)} stud{'y' if len(result.studies) == 1 else 'ies'}"
+              f" older than {days:g} days")
+    else:
+        print(f"Purged {len(result.studies)} stud{'y' if len(result.studies) == 1 else 'ies'} "
+              f"older than {days:g} days; {result.bytes_freed / 1e6:.1f} MB freed")
+    return 0
+
+
 def add_pipeline_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     def add(name: str, func: Any, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -108,3 +128,9 @@ def add_pipeline_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("ids", nargs="*", type=int, help="delivery IDs")
     p.add_argument("--job", type=int, action="append", help="every delivery of this job")
     p.add_argument("--dead", action="store_true", help="every dead delivery")
+    p = add("purge", cmd_purge, "remove studies whose newest instance is older than the "
+                                "retention (files, index rows, drafts); never one with an open "
+                                "job or an undelivered draft")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="default: [storage] retention_days")
+    p.add_argument("--dry-run", action="store_true", help="only list what would go")

@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -450,6 +451,50 @@ class Index:
     def instance_count(self) -> int:
         with self.sessions() as session:
             return session.scalar(select(func.count()).select_from(Instance)) or 0
+
+    # -- retention -----------------------------------------------------------------------------
+    def purgeable(self, older_than: datetime) -> list[str]:
+        """Study UIDs whose newest instance arrived before ``older_than``, with no report job
+        queued or running and no draft waiting to be delivered (pending)."""
+        from storage.schema import Delivery, DeliveryState, Job, JobState
+
+        open_job = select(Job.id).where(Job.study_id == Study.id,
+                                        Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        waiting = select(Delivery.id).join(Job, Job.id == Delivery.job_id).where(
+            Job.study_id == Study.id, Delivery.state == DeliveryState.PENDING)
+        with self.sessions() as session:
+            return list(session.scalars(select(Study.study_instance_uid).where(
+                Study.last_received_at < older_than, ~open_job.exists(), ~waiting.exists())
+                .order_by(Study.last_received_at)))
+
+    def purge(self, study_instance_uid: str) -> int:
+        """Remove one study: its files (images, drafts) first, then its rows (series,
+        instances, jobs, deliveries, embeddings by cascade). Returns the bytes freed. A crash
+        in between leaves rows whose files are gone: purging again (or ``reindex``) finishes."""
+        folder = self.store.data / check_uid(study_instance_uid, "StudyInstanceUID")
+        freed = 0
+        with self.sessions() as session:
+            paths = list(session.scalars(select(Instance.path).join(
+                Series, Series.id == Instance.series_id).join(
+                Study, Study.id == Series.study_id).where(
+                Study.study_instance_uid == study_instance_uid)))
+        for rel in paths:
+            path = self.store.root / rel
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if folder.is_dir():
+            for dirpath, _dirs, files in os.walk(folder):
+                freed += sum((Path(dirpath) / f).stat().st_size for f in files)
+            shutil.rmtree(folder, ignore_errors=True)
+        with self.sessions.begin() as session:
+            study = session.scalars(select(Study).where(
+                Study.study_instance_uid == study_instance_uid)).one_or_none()
+            if study is not None:
+                session.delete(study)
+        return freed
 
     # -- slice embeddings (streaming) ---------------------------------------------------------
     def unencoded(self, model_key: str, limit: int) -> list[tuple[int, Path, Series]]:
