@@ -117,6 +117,7 @@ class Receiver(abc.ABC):
 
 class Node(Receiver):
     name, ae_title = "msvlm-node", "MSVLM"
+    stream = True  # --no-stream: the worker only drafts (the receive path alone)
 
     def start(self) -> None:
         cfg = self.work / "node.toml"
@@ -125,7 +126,8 @@ class Node(Receiver):
                        f'[storage]\nroot = "{self.work / "store"}"\nmin_free_bytes = 0\n'
                        # streaming on (the default) and engaged for any body part, so the
                        # worker encodes slices while they arrive, as in a deployment
-                       f'[worker]\nstream = true\n[selection]\nbody_parts = ["*"]\n')
+                       f'[worker]\nstream = {str(self.stream).lower()}\n'
+                       f'[selection]\nbody_parts = ["*"]\n')
         self.proc = subprocess.Popen([MSVLM_NODE, "serve", "-c", str(cfg), "--log-level",
                                       "WARNING"], env=ENV)
         wait_port(self.port)
@@ -212,7 +214,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/msvlm-bench"))
+    parser.add_argument("--no-stream", action="store_true",
+                        help="the node's worker does not stream (receive path alone)")
     args = parser.parse_args()
+    Node.stream = not args.no_stream
     data = args.work / "data"
     if not (data / "a300").exists():
         print("building 300 + 4x75 slices ...", flush=True)
