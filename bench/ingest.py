@@ -132,8 +132,9 @@ class Node(Receiver):
                                       "WARNING"], env=ENV)
         wait_port(self.port)
         # Deployed as is (completion scan, delivery, one model worker that streams): the
-        # worker loads the checkpoint at start-up; measure the steady state after it.
-        time.sleep(8)
+        # worker loads the checkpoint and warms its drafting path up at start-up; measure the
+        # steady state after it.
+        time.sleep(14)
 
     def indexed(self) -> int | None:
         db = self.work / "store" / "index.sqlite"
