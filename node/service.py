@@ -244,11 +244,6 @@ class Node:
                 self.supervise()
         finally:
             self.stop()
-        try:
-            while not stop.wait(1.0):
-                self.supervise()
-        finally:
-            self.stop()
 
 
 def wait_for_index(index: Index, count: int, timeout_s: float = 30.0) -> bool:

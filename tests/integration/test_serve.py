@@ -284,3 +284,6 @@ def test_sighup_reloads_peers_without_a_restart(make_config: Callable[..., Confi
         time.sleep(0.2)
     assert "[node] port changed: needs a restart; left as it was" in proc.output()
     assert push("CT02").returncode == 0  # still on the old port, with the reloaded peers
+    assert proc.stop() == 0  # SIGTERM: a clean stop, after all those reloads
+    log = (config.storage.root.parent / "serve.log").read_text()
+    assert "Traceback" not in log and log.rstrip().endswith("Stopped")
