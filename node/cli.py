@@ -93,6 +93,15 @@ def cmd_series(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.metrics import status_text
+
+    config = load_config(args.config)
+    text, ready = status_text(config, _open_index(config))
+    print(text)
+    return 0 if ready else 3
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     index = _open_index(load_config(args.config))
     indexed, removed = index.rebuild()
@@ -130,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("series", cmd_series, "list the series of one study")
     p.add_argument("study_instance_uid")
     add("reindex", cmd_reindex, "rebuild the index from the stored files")
+    add("status", cmd_status, "the node at a glance: identity, model, peers, counts, queue, "
+                              "last errors, readiness (exit 3 when not ready)")
     from node.research import add_commands, add_train_command
 
     add_commands(sub, common)

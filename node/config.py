@@ -193,6 +193,22 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Prometheus metrics, health and readiness over HTTP (``node/metrics.py``)."""
+
+    listen: str = ""
+    """``"host:port"`` for ``/metrics``, ``/healthz`` and ``/readyz`` (say
+    ``"127.0.0.1:9110"``); ``""`` = no listener (``msvlm-node status`` works either way)."""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """``[worker]``: the processes that run the model."""
 
@@ -220,6 +236,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def peer_for_store(self, calling_ae_title: str, address: str) -> PeerConfig | None:
         """Return the peer allowed to store with this calling AE title from this address."""
@@ -236,6 +253,7 @@ class Config:
             ("completion", self.completion), ("model", self.model),
             ("selection", self.selection), ("report", self.report),
             ("delivery", self.delivery), ("worker", self.worker), ("audit", self.audit),
+            ("metrics", self.metrics),
         ]
         sections += [(f"peers.{name}", peer) for name, peer in self.peers.items()]
         for title, section in sections:
@@ -423,7 +441,7 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
     """Validate an already parsed TOML document; see :func:`load_config`."""
     base = cfg_path.resolve().parent
     known_sections = {"node", "tls", "peers", "storage", "completion", "model", "selection",
-                      "report", "delivery", "worker", "audit"}
+                      "report", "delivery", "worker", "audit", "metrics"}
     for name in raw:
         if name not in known_sections:
             raise ConfigError(f"{cfg_path}: [{name}]: unknown section (known: "
@@ -540,6 +558,18 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
     audit = AuditConfig(path=s.get("path", str, AuditConfig.path),
                         journal=s.get("journal", bool, AuditConfig.journal))
 
+    s = _Section(cfg_path, "metrics", raw.get("metrics", {}), {"listen"})
+
+    def listen(value: str) -> str:
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not \"host:port\" (or \"\" for no listener)")
+        return value
+
+    metrics = MetricsConfig(listen=s.get("listen", str, MetricsConfig.listen, listen))
+
     s = _Section(cfg_path, "model", raw.get("model", {}), {"checkpoint", "device", "threads"})
 
     def checkpoint(value: str) -> str:
@@ -562,7 +592,7 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
                         device=s.get("device", str, "auto", device),
                         threads=s.get("threads", int, 0, _non_negative))
     return Config(path=cfg_path, node=node, tls=tls, peers=peers, storage=storage,
-                  completion=completion, model=model, audit=audit,
+                  completion=completion, model=model, audit=audit, metrics=metrics,
                   **_pipeline_sections(raw, cfg_path, peers))
 
 
@@ -639,7 +669,8 @@ def _pipeline_sections(raw: Mapping[str, Any], cfg_path: Path,
 
 
 RESTART_KEYS = {"node": ("bind_address", "port", "receive_processes"),
-                "storage": ("root", "database_url"), "worker": ("processes",)}
+                "storage": ("root", "database_url"), "worker": ("processes",),
+                "metrics": ("listen",)}
 """Keys a reload leaves as they were (with the whole ``[tls]`` and ``[model]``): they need a
 restart of ``serve`` (sockets, files, processes, the loaded model)."""
 

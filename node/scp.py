@@ -49,6 +49,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification, _STORAGE_CLASSES  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node import metrics
 from node.audit import AuditTrail
 from node.config import Config, DuplicatePolicy
 from storage.files import FileStore, dataset_offset, file_meta_bytes
@@ -158,7 +159,9 @@ class StoreHandler:
         code = status if isinstance(status, int) else int(status.Status)
         key = f"0x{code:04X}"
         stats.statuses[key] = stats.statuses.get(key, 0) + 1
-        stats.bytes += len(event.request.DataSet.getbuffer())
+        size = len(event.request.DataSet.getbuffer())
+        stats.bytes += size
+        metrics.instance(str(assoc.requestor.ae_title).strip(), key, size)
         if code == SUCCESS:
             stats.stored += 1
             if study_uid is not None and study_uid not in stats.studies:
@@ -281,6 +284,7 @@ class NodeACSE(ACSE):
         server.audit.record("association", calling=calling, called=called, address=address,
                             accepted=False, reason=reason[0],
                             rejection=list(reason[1]))
+        metrics.association(False, rejection=reason[1])
         self.send_reject(*reason[1])
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
@@ -502,6 +506,7 @@ class AddressLimit:
         host = str(client_address[0])
         if not self.counts.add(host, 1, self.limit):
             self._log_refusal(host)
+            metrics.association(False, reason="max_associations_per_address")
             return False
         with self._lock:
             self._admitted[client_address] = host
@@ -764,6 +769,7 @@ class Receiver:
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         self.store_handler.stats.setdefault(id(event.assoc), AssociationStats())
+        metrics.association(True)
         logger.info("Association from %r@%s:%s accepted", r.ae_title, r.address, r.port)
 
     def _on_close(self, event: evt.Event) -> None:

@@ -4,11 +4,13 @@ and batch, with persisted attempts, exponential backoff and dead letters."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from datetime import timedelta
 
 from sqlalchemy import select, update
 
+from node import metrics
 from node.audit import AuditTrail
 from node.config import Config
 from node.jobs import JobQueue, utcnow
@@ -95,6 +97,7 @@ class Sender:
                           address=f"{peer.host}:{peer.port}" if peer else None,
                           sop_instance_uid=delivery.sop_instance_uid, job=delivery.job_id,
                           attempt=delivery.attempts, outcome=state, error=error)
+        metrics.delivery(delivery.peer, state)
 
     def run_once(self) -> int:
         """Send what is due; return how many objects were stored at their destination."""
@@ -110,7 +113,9 @@ class Sender:
                 missing = {i: "stored object is missing" for i, p in paths.items()
                            if not p.exists()}
                 present = {i: p for i, p in paths.items() if i not in missing}
+                started = time.perf_counter()
                 summary = send(self.config, target, list(present.values()))
+                metrics.stage("deliver", time.perf_counter() - started)
                 failures = {str(path): error for path, error in summary.failures}
                 results = {**missing, **{i: failures.get(str(p)) for i, p in present.items()}}
             sent += sum(error is None for error in results.values())

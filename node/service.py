@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from node import metrics
 from node.completion import Scheduler
 from node.config import Config, ConfigError, reload_config
 from node.jobs import JobQueue
@@ -82,6 +83,7 @@ class Node:
         self.indexer: Indexer | None = None
         self.scheduler: Scheduler | None = None
         self.workers: list[multiprocessing.process.BaseProcess] = []
+        self.metrics_server: metrics.MetricsServer | None = None
         self._worker_started: dict[int, float] = {}
         self._ctx = multiprocessing.get_context("fork")
         # Workers load PyTorch: a fresh interpreter, not a fork of this threaded process.
@@ -123,6 +125,18 @@ class Node:
                                    before_scan=self.indexer.run_once)
         self.scheduler.start()
         self.workers = [self._spawn_worker(n) for n in range(cfg.worker.processes)]
+        if cfg.metrics.address is not None:
+            try:
+                self.metrics_server = metrics.MetricsServer(cfg, self.index)
+            except OSError as exc:  # the DICOM service goes on without its metrics
+                logger.error("[metrics] listen = %r: cannot listen (%s); no /metrics",
+                             cfg.metrics.listen, exc.strerror)
+            else:
+                self.metrics_server.start()
+        try:
+            metrics.write_state(cfg, self.port)
+        except OSError as exc:
+            logger.warning("Node state for 'msvlm-node status' not written: %s", exc.strerror)
         logger.info("Listening as %r on %s:%d with %d receiving process(es) and %d worker(s); "
                     "storage %s", cfg.node.ae_title, cfg.node.bind_address, self.port,
                     self.processes, len(self.workers), cfg.storage.root)
@@ -160,6 +174,7 @@ class Node:
             if not proc.is_alive():
                 logger.error("Receiving process %d exited with %s; restarting", slot,
                              proc.exitcode)
+                metrics.process_dead(proc.pid or 0)
                 self.children[slot] = self._spawn(slot)
         for n, proc in enumerate(self.workers):
             if proc.is_alive():
@@ -170,6 +185,7 @@ class Node:
                 continue
             logger.error("Worker process %d exited with %s; restarting (its job's lease "
                          "expires and the job is taken over)", n, proc.exitcode)
+            metrics.process_dead(proc.pid or 0)
             self.workers[n] = self._spawn_worker(n)
 
     def stop(self) -> None:
@@ -192,6 +208,8 @@ class Node:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.indexer is not None:
@@ -215,6 +233,8 @@ class Node:
             self.receiver.reload(config)
         if self.scheduler is not None:
             self.scheduler.reload(config)
+        if self.metrics_server is not None:
+            self.metrics_server.config = config  # the readiness floor, for the next request
         for proc in [*self.children, *self.workers]:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGHUP)
@@ -231,6 +251,8 @@ class Node:
         signal.signal(signal.SIGTERM, on(stop))
         signal.signal(signal.SIGINT, on(stop))
         signal.signal(signal.SIGHUP, on(reload))
+        # every process of this node counts into one folder (before any metric exists)
+        metrics.prepare(self.config.storage.root)
         self.start()
         try:
             while not stop.is_set():

@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import select
 
+from node import metrics
 from node.config import Config
 from node.draft import Draft, ReportError, draft_study
 from node.jobs import JobQueue, Outcome, default_owner
@@ -117,8 +118,9 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop`` is set."""
         self.warm_up()
-        logger.info("Worker %s ready (%s)", self.owner,
-                    getattr(self.generator, "version", "?"))
+        version = str(getattr(self.generator, "version", "?"))
+        metrics.model_loaded(version)
+        logger.info("Worker %s ready (%s)", self.owner, version)
         while not stop.is_set():
             try:
                 ran = self.run_once() or self.stream_once() > 0
@@ -161,6 +163,7 @@ class Worker:
                 embeddings = generator.encode_images(np.stack([p for _, p in group]), modality)
                 done.update((i, e.astype("<f4").tobytes()) for (i, _), e in zip(group, embeddings))
         self.index.put_embeddings(key, done)
+        metrics.streamed(len(done))
         if done:
             logger.debug("Streamed %d slices", len(done))
         return len(done)
@@ -185,12 +188,15 @@ class Worker:
             outcome = self.process(job)
         except ReportError as exc:
             self.queue.fail(job.id, self.owner, f"not reported: {exc}", permanent=True)
+            metrics.job("not_reported")
         except Exception as exc:  # noqa: BLE001 - stored; retried up to max_attempts
             reason = failure_reason(exc)
             logger.debug("Job %d: technical detail", job.id, exc_info=True)
             self.queue.fail(job.id, self.owner, reason, permanent=False)
+            metrics.job("failed")
         else:
             if self.queue.succeed(job.id, self.owner, outcome):
+                metrics.job("done", outcome.timings)
                 logger.info("Job %d done: SR %s to %s (%s)", job.id,
                             outcome.sr_sop_instance_uid, ", ".join(outcome.peers) or "nobody",
                             ", ".join(f"{k} {v:.2f}" for k, v in outcome.timings.items()))

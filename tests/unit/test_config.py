@@ -55,6 +55,8 @@ def test_relative_storage_root_resolves_against_the_config_folder(tmp_path: Path
     ("[nodes]\nport = 104\n", "[nodes]", "unknown section"),
     ('[storage]\nduplicate_policy = "ignore"\n', "[storage] duplicate_policy", "keep"),
     ("[storage]\nmin_free_bytes = -1\n", "[storage] min_free_bytes", "negative"),
+    ('[metrics]\nlisten = "9110"\n', "[metrics] listen", "host:port"),
+    ('[metrics]\nlisten = "127.0.0.1:99999"\n', "[metrics] listen", "host:port"),
     ('[storage]\ndatabase_url = "not a url"\n', "[storage] database_url", "SQLAlchemy URL"),
     ("[completion]\nstable_age_s = 0\n", "[completion] stable_age_s", "greater than zero"),
     ('[peers.pacs]\nae_title = "PACS"\nport = 104\n', "[peers.pacs] host", "required"),
