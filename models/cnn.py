@@ -59,6 +59,37 @@ HU_EDGES = (-1024.0, -990.0, -960.0, -920.0, -880.0, -840.0, -800.0, -700.0, -60
             60.0, 80.0, 100.0, 150.0, 200.0, 300.0, 500.0, 700.0, 1000.0, 1500.0)
 
 
+# ``detail``: the same materials with calcium (760-950 HU) apart from cortical bone (~700 HU) and
+# dense contrast or bone above 950 HU
+DETAIL_HU_EDGES = HU_EDGES[:-3] + (600.0, 660.0, 760.0, 860.0, 950.0, 1100.0, 1500.0)
+# coarse materials for the spot responses: air and lung, fat and ground glass, fluid and soft
+# tissue, enhanced blood, calcium and bone, metal
+MATERIAL_EDGES = torch.tensor([-500.0, -50.0, 120.0, 500.0, 1500.0])
+# difference-of-Gaussians response bands in HU (the middle one, |r| < 50, is left out)
+BLOB_EDGES = torch.tensor([-400.0, -150.0, -50.0, 50.0, 150.0, 400.0])
+BLOB_SIGMAS = (1.0, 2.0, 3.0)  # pixels of the fixed matrix (about 2.7 mm on a 35 cm field)
+
+
+def _gauss_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` Gaussian blur along one axis with edge replication, as a matrix (a matrix
+    product is far faster on a CPU than a one-channel convolution)."""
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    rows = torch.arange(n)[:, None]
+    cols = (rows + t.long()[None, :]).clamp(0, n - 1)  # replicated edges
+    m = torch.zeros(n, n)
+    m.scatter_add_(1, cols, k.expand(n, -1).contiguous())
+    return m.to(device)
+
+
+def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(S, 1, H, W)`` with edge replication."""
+    H, W = x.shape[-2:]
+    return _gauss_matrix(H, sigma, x.device) @ x @ _gauss_matrix(W, sigma, x.device).T
+
+
 class PyramidSliceEncoder(nn.Module):
     """A slice encoder in two parts, for CPU budgets.
 
@@ -69,48 +100,104 @@ class PyramidSliceEncoder(nn.Module):
     it, from a vessel or a septal line, which does not. ``upper`` (trained with the finding
     loss): an MLP from those shares to the embedding. MR is binned uniformly on the view's
     percentile-scaled intensities.
+
+    ``detail`` (the demo since issue 13's second checkpoint): the slice is first resampled to a
+    fixed ``matrix`` (so a filter means the same millimetres at any matrix), the HU bins split
+    calcium from bone, and per cell and material the share of pixels whose difference-of-
+    Gaussians response at 1, 2 and 3 pixels falls in each band is added: a bright spot (nodule,
+    calcified plaque, thickened bronchial wall, fibrotic band) or a dark one (filling defect,
+    airway lumen) of about that size shows even where its material is common in the cell.
+    Chosen by the linear probe (300/150 phantoms of training seeds): macro AUROC 0.815 for the
+    HU bins alone, 0.891 with both additions.
     """
 
     raw_input = True  # encode_slices hands it the view's own values, not windowed channels
 
-    def __init__(self, embed_dim: int, grid: int = 3, hidden: int = 256) -> None:
+    def __init__(self, embed_dim: int, grid: int = 3, hidden: int = 256,
+                 detail: bool = False, matrix: int = 128) -> None:
         super().__init__()
         self.grid = grid
         self.scales = (1, 2, 4)
-        self.register_buffer("edges", torch.tensor(HU_EDGES[1:]), persistent=False)
-        bins = len(HU_EDGES)
-        self.in_dim = len(self.scales) * grid * grid * bins
+        self.detail = detail
+        self.matrix = matrix
+        hu_edges = DETAIL_HU_EDGES if detail else HU_EDGES
+        self.register_buffer("edges", torch.tensor(hu_edges[1:]), persistent=False)
+        self.bins = len(hu_edges)
+        self.in_dim = len(self.scales) * grid * grid * self.bins
+        if detail:
+            self.in_dim += len(BLOB_SIGMAS) * grid * grid * (len(MATERIAL_EDGES) + 1) * (
+                len(BLOB_EDGES))
         self.upper = nn.Sequential(nn.Linear(self.in_dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, embed_dim))
         self.embed_dim = embed_dim
+
+    def _cells(self, H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pixel's cell index ``(H*W,)`` and each cell's pixel count ``(grid*grid,)``."""
+        rows = torch.clamp(torch.arange(H, device=device) * self.grid // H, max=self.grid - 1)
+        cols = torch.clamp(torch.arange(W, device=device) * self.grid // W, max=self.grid - 1)
+        cell = (rows[:, None] * self.grid + cols[None, :]).flatten()
+        return cell, torch.bincount(cell, minlength=self.grid * self.grid).float()
+
+    def _shares(self, codes: torch.Tensor, cell: torch.Tensor, per_cell: torch.Tensor,
+                n: int) -> torch.Tensor:
+        """``(S, H*W)`` codes in ``[0, n)`` -> ``(S, cells, n)`` share of each cell's pixels."""
+        S = codes.shape[0]
+        index = cell[None, :] * n + codes
+        counts = torch.zeros(S, self.grid * self.grid * n, device=codes.device)
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+        return counts.view(S, self.grid * self.grid, n) / per_cell[None, :, None]
 
     @torch.no_grad()
     def lower(self, values: torch.Tensor, modality: str = "CT") -> torch.Tensor:
         """``(S, H, W)`` HU (or MR intensities) -> ``(S, in_dim)`` bin shares."""
         x = values.float()
+        if self.detail and x.shape[-2:] != (self.matrix, self.matrix):
+            # a fixed pixel grid, so filter scales mean the same millimetres on a 512 matrix
+            x = nn.functional.interpolate(x[:, None], size=(self.matrix, self.matrix),
+                                          mode="bilinear", antialias=True,
+                                          align_corners=False)[:, 0]
         if modality == "CT":
             edges = self.edges.to(x.device)
         else:
             lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 1_000_000)],
                                     torch.tensor([0.005, 0.995], device=x.device))
             x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-            edges = torch.linspace(0, 1, len(HU_EDGES) + 1, device=x.device)[1:-1]
+            edges = torch.linspace(0, 1, self.bins + 1, device=x.device)[1:-1]
         S = x.shape[0]
-        bins = len(HU_EDGES)
         out = []
         for k in self.scales:
             y = x if k == 1 else nn.functional.avg_pool2d(x[:, None], k)[:, 0]
-            H, W = y.shape[-2:]
-            rows = torch.clamp(torch.arange(H, device=x.device) * self.grid // H, max=self.grid - 1)
-            cols = torch.clamp(torch.arange(W, device=x.device) * self.grid // W, max=self.grid - 1)
-            cell = (rows[:, None] * self.grid + cols[None, :]).flatten()  # (H*W,)
+            cell, per_cell = self._cells(*y.shape[-2:], x.device)
             b = torch.bucketize(y.reshape(S, -1), edges)  # (S, H*W) in [0, bins)
-            index = cell[None, :] * bins + b
-            counts = torch.zeros(S, self.grid * self.grid * bins, device=x.device)
-            counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
-            per_cell = torch.bincount(cell, minlength=self.grid * self.grid).float()
-            out.append(counts / per_cell.repeat_interleave(bins)[None, :])
+            out.append(self._shares(b, cell, per_cell, self.bins).reshape(S, -1))
+        if self.detail:
+            out.append(self._blobs(x if modality == "CT" else x * 1000.0))
         return torch.cat(out, dim=1)  # (S, in_dim)
+
+    def _blobs(self, hu: torch.Tensor) -> torch.Tensor:
+        """Per cell, the share of pixels of each material whose difference-of-Gaussians
+        response (bright or dark spot of about the filter's size) falls in each band."""
+        S = hu.shape[0]
+        x = hu.clamp(-1000.0, 1000.0)[:, None]  # metal does not ring over its neighbourhood
+        material = torch.bucketize(x.reshape(S, -1), MATERIAL_EDGES.to(x.device))
+        nm, nb = len(MATERIAL_EDGES) + 1, len(BLOB_EDGES) + 1
+        cell, per_cell = self._cells(*x.shape[-2:], x.device)
+        out = []
+        for sigma in BLOB_SIGMAS:
+            # sigma >= 2 pixels on a 2x averaged image (same filter, a quarter of the work)
+            step = 2 if sigma >= 2 else 1
+            y = nn.functional.avg_pool2d(x, step) if step > 1 else x
+            s = sigma / step
+            dog = _gauss(y, s) - _gauss(y, 1.6 * s)  # > 0: a bright spot
+            if step > 1:
+                dog = nn.functional.interpolate(dog, size=x.shape[-2:], mode="nearest")
+            band = torch.bucketize(dog.reshape(S, -1), BLOB_EDGES.to(x.device))
+            shares = self._shares(material * nb + band, cell, per_cell, nm * nb)
+            shares = shares.view(S, -1, nm, nb)
+            middle = len(BLOB_EDGES) // 2  # the flat band carries nothing the HU bins lack
+            out.append(torch.cat([shares[..., :middle], shares[..., middle + 1:]], -1)
+                       .reshape(S, -1))
+        return torch.cat(out, dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # square-root shares: a few pixels of a rare material still move the input

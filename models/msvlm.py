@@ -34,6 +34,7 @@ class MSVLMConfig:
     # (models/cnn.py, the CPU demo's encoder); "patch3d" the 3D sub-volume baseline (models/baseline.py) with the same sizes
     encoder: str = "slice"
     pyramid_grid: int = 3
+    pyramid_detail: bool = False  # calcium bins and spot responses (models/cnn.py)
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -334,7 +335,9 @@ class MSVLM(nn.Module):
         elif tower is None and config.encoder == "pyramid":
             from models.cnn import PyramidSliceEncoder
 
-            tower = PyramidSliceEncoder(config.vision_hidden, config.pyramid_grid)
+            tower = PyramidSliceEncoder(config.vision_hidden, config.pyramid_grid,
+                                        detail=config.pyramid_detail,
+                                        matrix=config.image_size)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder
 

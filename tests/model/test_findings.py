@@ -104,6 +104,32 @@ def test_pyramid_encoder_keeps_a_small_spot() -> None:
     assert not torch.equal(mirrored[1], b[1])
 
 
+def test_detail_encoder_separates_calcium_and_keeps_spots() -> None:
+    """The demo's ``detail`` lower part: calcified plaque (800 HU) and cortical bone (700 HU)
+    fall in different bins; a 6 mm soft-tissue spot in lung moves the spot responses of its
+    material and cell (not only the HU shares); a 512 matrix is read on the same 128 grid."""
+    from models.cnn import PyramidSliceEncoder
+
+    enc = PyramidSliceEncoder(16, grid=3, detail=True, matrix=128)
+    hu_dims = len(enc.scales) * 9 * enc.bins
+    lung = np.full((1, 128, 128), -860.0, dtype=np.float32)
+    bone, plaque, spot = lung.copy(), lung.copy(), lung.copy()
+    bone[0, 60:63, 60:63] = 700.0
+    plaque[0, 60:63, 60:63] = 800.0
+    spot[0, 60:62, 60:62] = 35.0
+    f = {name: enc.lower(torch.as_tensor(v))[0]
+         for name, v in (("lung", lung), ("bone", bone), ("plaque", plaque), ("spot", spot))}
+    assert all(v.shape == (enc.in_dim,) for v in f.values())
+    changed = (f["bone"][:hu_dims] != f["lung"][:hu_dims]) ^ (
+        f["plaque"][:hu_dims] != f["lung"][:hu_dims])
+    assert changed.any()  # some HU bin moves for one of them and not the other
+    blob_lung, blob_spot = f["lung"][hu_dims:], f["spot"][hu_dims:]
+    assert blob_lung[blob_lung > 0].numel() < blob_spot[blob_spot > 0].numel()
+    # the same slice on a 512 matrix (each pixel 4 x 4) gives nearly the same features
+    big = np.kron(spot, np.ones((1, 4, 4), dtype=np.float32))
+    assert torch.allclose(enc.lower(torch.as_tensor(big))[0], f["spot"], atol=0.02)
+
+
 def test_findings_stage_learns_large_findings(tmp_path: Path) -> None:
     """The real training path (cached lower features, class-balanced BCE, thresholds tuned on
     validation, probe) on a few small phantoms: in 300 steps the head learns to see an enlarged
