@@ -59,10 +59,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _open_index(config: Config):  # type: ignore[no-untyped-def]
-    from storage.files import FileStore
     from storage.index import Index
 
-    return Index(config.storage.effective_database_url, FileStore(config.storage.root))
+    return Index(config.storage.effective_database_url, config.file_store())
 
 
 def cmd_studies(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import enum
 import ipaddress
 import logging
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ class NodeConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     receive_processes: int = 0
+    node_id: str = ""
+    """Names this node's own spool (``incoming/<node_id>/``, ``tmp/<node_id>/``) when several
+    nodes share one storage root and index (PostgreSQL); each drains only its own. ``""``: the
+    single-node layout (``incoming/``, ``tmp/``)."""
 
     @property
     def effective_receive_processes(self) -> int:
@@ -238,6 +243,12 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
+    def file_store(self) -> Any:
+        """The :class:`storage.files.FileStore` of this node (its own spool, the shared rest)."""
+        from storage.files import FileStore
+
+        return FileStore(self.storage.root, self.node.node_id)
+
     def peer_for_store(self, calling_ae_title: str, address: str) -> PeerConfig | None:
         """Return the peer allowed to store with this calling AE title from this address."""
         for peer in self.peers.values():
@@ -335,6 +346,12 @@ class _Section:
             except ValueError as exc:
                 raise self.error(key, str(exc)) from None
         return value
+
+
+def _node_id(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"{value!r} is not 1-64 letters, digits, '.', '_' or '-' (a folder name)")
+    return value
 
 
 def _port(value: int) -> int:
@@ -462,6 +479,7 @@ def parse_config(raw: Mapping[str, Any], cfg_path: Path) -> Config:
         dimse_timeout_s=s.get("dimse_timeout_s", float, d.dimse_timeout_s, _positive),
         network_timeout_s=s.get("network_timeout_s", float, d.network_timeout_s, _positive),
         receive_processes=s.get("receive_processes", int, d.receive_processes, _non_negative),
+        node_id=s.get("node_id", str, d.node_id, _node_id),
     )
     if node.max_associations_per_address > node.max_associations:
         raise s.error("max_associations_per_address",
@@ -668,7 +686,7 @@ def _pipeline_sections(raw: Mapping[str, Any], cfg_path: Path,
     return dict(selection=selection, report=report, delivery=delivery, worker=worker)
 
 
-RESTART_KEYS = {"node": ("bind_address", "port", "receive_processes"),
+RESTART_KEYS = {"node": ("bind_address", "port", "receive_processes", "node_id"),
                 "storage": ("root", "database_url"), "worker": ("processes",),
                 "metrics": ("listen",)}
 """Keys a reload leaves as they were (with the whole ``[tls]`` and ``[model]``): they need a

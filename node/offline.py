@@ -17,7 +17,6 @@ from node.config import Config
 from node.draft import Draft, ReportError, describe_key_image, draft_study, series_infos
 from node.selection import rules_for
 from node.sr import sr_text
-from storage.files import FileStore
 from storage.index import Index
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def report_study(files: Sequence[Path], config: Config, generator: Any = None,
         generator = ReportGenerator.from_pretrained(config.model.checkpoint_path,
                                                     config.model.device)
     if device_uid is None:
-        index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
+        index = Index(config.storage.effective_database_url, config.file_store())
         device_uid = index.device_uid
         index.close()
     return draft_study(series_infos(headers), paths, generator,

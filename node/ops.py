@@ -14,10 +14,9 @@ from node.config import Config, load_config
 
 def _queue(config: Config) -> Any:
     from node.jobs import JobQueue
-    from storage.files import FileStore
     from storage.index import Index
 
-    return JobQueue(Index(config.storage.effective_database_url, FileStore(config.storage.root)),
+    return JobQueue(Index(config.storage.effective_database_url, config.file_store()),
                     config)
 
 

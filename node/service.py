@@ -26,7 +26,6 @@ from node.scp import (
     ADDRESS_BUCKETS, STUDY_BUCKETS, Receiver, listen_socket, set_parent_death_signal,
 )
 from node.worker import worker_process
-from storage.files import FileStore
 from storage.index import Index
 from storage.indexer import Indexer
 
@@ -40,7 +39,7 @@ def _receive_process(config: Config, sock: socket.socket, active: Any, slot: int
                      per_address: Any, open_studies: Any) -> None:
     set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    store = FileStore(config.storage.root)
+    store = config.file_store()
     receiver = Receiver(config, store, sock, active, slot, per_address, open_studies)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -97,7 +96,7 @@ class Node:
     def start(self) -> None:
         """Bind, start receiving, reconcile the spool and start the indexer; returns at once."""
         cfg = self.config
-        store = FileStore(cfg.storage.root)
+        store = cfg.file_store()
         leftover = store.cleanup_tmp()
         if leftover:
             logger.info("Removed %d partial files left by an earlier stop (never acknowledged)",

@@ -26,7 +26,6 @@ from node.config import Config
 from node.draft import Draft, ReportError, draft_study
 from node.jobs import JobQueue, Outcome, default_owner
 from node.selection import SeriesInfo, rules_for, select_series
-from storage.files import FileStore
 from storage.index import NON_REPORTABLE_SOP_PREFIXES, Index, InstanceRecord
 from storage.schema import Instance, Job, JobState, Series, Study
 
@@ -59,7 +58,7 @@ class Worker:
         self.config = config
         self.poll_s = poll_s
         self.owner = default_owner()
-        self.index = Index(config.storage.effective_database_url, FileStore(config.storage.root))
+        self.index = Index(config.storage.effective_database_url, config.file_store())
         self.queue = JobQueue(self.index, config)
         if config.model.threads:
             import torch

@@ -4,6 +4,8 @@ Layout under ``root``::
 
     tmp/                         files being written (never read)
     incoming/<sop>.dcm           durable, answered Success, not yet in the index
+    tmp/<node_id>/, incoming/<node_id>/<sop>.dcm   the same per node, when several nodes
+                                 share the root and the index (each drains only its own)
     data/<study>/<series>/<sop>.dcm   indexed instances
     failed/                      spooled files the indexer could not read (kept, logged)
 
@@ -90,12 +92,17 @@ class FileStore:
     ----------
     root : path-like
         The storage root; the sub-folders are created if missing.
+    node_id : str
+        With several nodes on one root: this node's spool is ``incoming/<node_id>/`` and its
+        partial files ``tmp/<node_id>/`` (each node drains and cleans only its own); ``data/``
+        and ``failed/`` are shared. ``""``: ``incoming/`` and ``tmp/`` themselves.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], node_id: str = "") -> None:
         self.root = Path(root)
-        self.tmp = self.root / "tmp"
-        self.incoming = self.root / "incoming"
+        self.node_id = node_id
+        self.tmp = self.root / "tmp" / node_id if node_id else self.root / "tmp"
+        self.incoming = self.root / "incoming" / node_id if node_id else self.root / "incoming"
         self.data = self.root / "data"
         self.failed = self.root / "failed"
         for folder in (self.tmp, self.incoming, self.data, self.failed):
@@ -249,6 +256,7 @@ class FileStore:
         """Remove temporary files left by a crash; they were never answered Success."""
         removed = 0
         for entry in os.scandir(self.tmp):
-            os.unlink(entry.path)
-            removed += 1
+            if entry.is_file(follow_symlinks=False):  # not another node's tmp/<node_id>/
+                os.unlink(entry.path)
+                removed += 1
         return removed

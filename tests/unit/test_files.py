@@ -79,3 +79,19 @@ def test_cleanup_of_partial_files(tmp_path: Path) -> None:
     (store.tmp / "123-1-1.part").write_bytes(b"partial")
     assert store.cleanup_tmp() == 1
     assert list(store.tmp.iterdir()) == []
+
+
+def test_nodes_sharing_a_root_keep_their_own_spool(tmp_path: Path) -> None:
+    """Two nodes on one root: each sees, drains and cleans only its own spool and partial
+    files; the single-node layout beside them ignores both."""
+    a, b, single = FileStore(tmp_path, "node-a"), FileStore(tmp_path, "node-b"), FileStore(tmp_path)
+    a.write_incoming("1.2.3.1", (b"a",))
+    b.write_incoming("1.2.3.2", (b"b",))
+    a.write_release(1, ["1.2.3"])
+    assert [p.name for p in a.pending()] == ["1.2.3.1.dcm"] and len(a.releases()) == 1
+    assert [p.name for p in b.pending()] == ["1.2.3.2.dcm"] and b.releases() == []
+    assert single.pending() == [] and single.releases() == []
+    assert a.incoming == tmp_path / "incoming" / "node-a"
+    (b.tmp / "7-1-1.part").write_bytes(b"partial")
+    assert a.cleanup_tmp() == 0 and single.cleanup_tmp() == 0
+    assert b.cleanup_tmp() == 1
