@@ -35,14 +35,20 @@ STAGES = ("collect", "load", "encode", "generate", "sr", "deliver")
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def metrics_dir(root: Path) -> Path:
-    return Path(root) / "run" / "metrics"
+def run_dir(config: Any) -> Path:
+    """``<root>/run`` (``<root>/run/<node_id>`` when several nodes share the root)."""
+    base = Path(config.storage.root) / "run"
+    return base / config.node.node_id if config.node.node_id else base
 
 
-def prepare(root: Path) -> Path:
+def metrics_dir(config: Any) -> Path:
+    return run_dir(config) / "metrics"
+
+
+def prepare(config: Any) -> Path:
     """``serve`` only, before any metric exists: an empty multiprocess directory, named in the
     environment that receiving processes and workers inherit."""
-    folder = metrics_dir(root)
+    folder = metrics_dir(config)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[ENV] = str(folder)
@@ -71,8 +77,9 @@ class _Metrics:
                                "job", ["stage"], buckets=_BUCKETS)
         self.streamed = Counter("msvlm_slices_streamed", "Slices encoded while their study was "
                                 "still arriving")
-        self.model = Gauge("msvlm_worker_model_loaded", "Workers with the model loaded, by model "
-                           "version", ["version"], multiprocess_mode="livesum")
+        # an info metric (the version is the label); its value counts the workers holding it
+        self.model = Gauge("msvlm_model_info", "Model version loaded, by the number of workers "
+                           "that hold it", ["version"], multiprocess_mode="livesum")
 
 
 _lock = threading.Lock()
@@ -248,7 +255,7 @@ def readiness(config: Any, index: Any, reg: Any | None = None) -> list[tuple[str
     except Exception as exc:  # noqa: BLE001 - any database error means "not ready"
         return [("index", False, f"unreachable: {type(exc).__name__}")]
     floor = config.storage.min_free_bytes
-    probe = index.store.root / "tmp" / f".ready-{os.getpid()}"
+    probe = index.store.tmp / f".ready-{os.getpid()}-{threading.get_ident()}"
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -270,7 +277,7 @@ def readiness(config: Any, index: Any, reg: Any | None = None) -> list[tuple[str
         checks.append(("worker", True, "no workers configured"))
     else:
         loaded = sum(value for labels, value in sample_values(
-            reg or registry(config, None), "msvlm_worker_model_loaded"))
+            reg or registry(config, None), "msvlm_model_info"))
         checks.append(("worker", loaded > 0, f"{int(loaded)} with the model loaded"))
     return checks
 
@@ -360,13 +367,13 @@ class MetricsServer:
 
 # -- the running node's identity (for ``status``) ------------------------------------------------
 
-def state_file(root: Path) -> Path:
-    return Path(root) / "run" / "node.json"
+def state_file(config: Any) -> Path:
+    return run_dir(config) / "node.json"
 
 
 def write_state(config: Any, port: int) -> None:
     """``serve``: who is running (pid, start time, port), for ``msvlm-node status``."""
-    path = state_file(config.storage.root)
+    path = state_file(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "ae_title": config.node.ae_title,
@@ -376,10 +383,10 @@ def write_state(config: Any, port: int) -> None:
     os.replace(tmp, path)
 
 
-def read_state(root: Path) -> dict[str, Any] | None:
+def read_state(config: Any) -> dict[str, Any] | None:
     """The state ``serve`` wrote, with ``running`` (its process is alive)."""
     try:
-        state = json.loads(state_file(root).read_text())
+        state = json.loads(state_file(config).read_text())
     except (OSError, ValueError):
         return None
     try:
@@ -399,9 +406,8 @@ def status_text(config: Any, index: Any) -> tuple[str, bool]:
 
     from storage.schema import Delivery, Job, Series, Study
 
-    root = config.storage.root
-    state = read_state(root)
-    folder = metrics_dir(root)
+    state = read_state(config)
+    folder = metrics_dir(config)
     live = state is not None and state["running"] and folder.is_dir()
     reg = registry(config, None, str(folder)) if live else None
     lines = []
@@ -415,7 +421,7 @@ def status_text(config: Any, index: Any) -> tuple[str, bool]:
                         f"{str(up).split('.')[0]}" if state["running"]
                         else f"NOT RUNNING (last started {state['started_at']})"))
     versions = ({labels["version"]: v for labels, v in
-                 sample_values(reg, "msvlm_worker_model_loaded") if v > 0} if reg else {})
+                 sample_values(reg, "msvlm_model_info") if v > 0} if reg else {})
     lines.append(f"Model       {config.model.checkpoint}; "
                  + (", ".join(f"version {k} in {int(v)} worker(s)" for k, v in versions.items())
                     if versions else "no worker has it loaded"))

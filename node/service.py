@@ -251,7 +251,7 @@ class Node:
         signal.signal(signal.SIGINT, on(stop))
         signal.signal(signal.SIGHUP, on(reload))
         # every process of this node counts into one folder (before any metric exists)
-        metrics.prepare(self.config.storage.root)
+        metrics.prepare(self.config)
         self.start()
         try:
             while not stop.is_set():
