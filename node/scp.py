@@ -134,6 +134,8 @@ class StoreHandler:
         self.policy = config.storage.duplicate_policy
         self.min_free_bytes = config.storage.min_free_bytes
         self.ae_title = config.node.ae_title
+        self.known_ae_titles = frozenset(p.ae_title for p in config.peers.values())
+        """Metric label values: a calling AE title outside ``[peers]`` counts as ``unknown``."""
         self.stats: dict[int, AssociationStats] = {}
 
     def __call__(self, event: evt.Event) -> int | Dataset:
@@ -161,7 +163,8 @@ class StoreHandler:
         stats.statuses[key] = stats.statuses.get(key, 0) + 1
         size = len(event.request.DataSet.getbuffer())
         stats.bytes += size
-        metrics.instance(str(assoc.requestor.ae_title).strip(), key, size)
+        calling = str(assoc.requestor.ae_title).strip()
+        metrics.instance(calling if calling in self.known_ae_titles else "unknown", key, size)
         if code == SUCCESS:
             stats.stored += 1
             if study_uid is not None and study_uid not in stats.studies:
@@ -762,6 +765,7 @@ class Receiver:
         handler = self.store_handler
         handler.policy = config.storage.duplicate_policy
         handler.min_free_bytes = config.storage.min_free_bytes
+        handler.known_ae_titles = frozenset(p.ae_title for p in config.peers.values())
         self.server.address_limit.limit = config.node.max_associations_per_address
         audit = AuditTrail.from_config(config)
         self.audit.path, self.audit.journal = audit.path, audit.journal
