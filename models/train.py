@@ -524,6 +524,12 @@ class Trainer:
             for study in tqdm(self.data.train + self.data.valid, desc="lower features",
                               unit="study", disable=not self.main):
                 self.lower(study)
+            tower: Any = self.model.vision_tower
+            if hasattr(tower, "fit_standardisation"):  # every 4th slice of the training split
+                sample = torch.cat([f[::4].float() for s in self.data.train
+                                    for f, _ in self._lower[s.study_id]])
+                tower.fit_standardisation(sample.to(self.device))
+                logger.info("Lower features standardised on %d training slices", len(sample))
         params, make_batch = self._setup_stage(stage)
         module: nn.Module = _Loss(self.model, self._loss(stage))
         if stage == "pretrain" and hasattr(self, "_mae"):
