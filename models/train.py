@@ -810,7 +810,7 @@ class Trainer:
         except OSError:
             commit = ""
         card = {
-            "name": "MS-VLM" if self.config.encoder == "slice" else "3D-patch baseline",
+            "name": "3D-patch baseline" if self.config.encoder == "patch3d" else "MS-VLM",
             "modalities": ["CT"], "body_parts": ["CHEST"],
             "intended_use": "Research and unverified draft reports only; not for clinical use.",
             "training": {"run_file": self.run.text, "git_commit": commit,

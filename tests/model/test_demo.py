@@ -25,6 +25,7 @@ def test_demo_checkpoint_is_small_and_documented(demo: ReportGenerator) -> None:
                and "cache" not in p.parts and "stages" not in p.parts)
     assert size <= 25 * 2**20
     card = json.loads((DEMO_CHECKPOINT / "model_card.json").read_text())
+    assert card["name"] == "MS-VLM"  # what the SR names as the algorithm
     assert card["modalities"] == ["CT"] and card["body_parts"] == ["CHEST"]
     assert "not for clinical use" in card["intended_use"].lower()
     assert "synthetic" in json.dumps(card["training"]["data"]).lower() or \

@@ -130,15 +130,18 @@ def test_detail_encoder_separates_calcium_and_keeps_spots() -> None:
     assert torch.allclose(enc.lower(torch.as_tensor(big))[0], f["spot"], atol=0.02)
 
 
-def test_findings_stage_learns_large_findings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("detail", [False, True])
+def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> None:
     """The real training path (cached lower features, class-balanced BCE, thresholds tuned on
     validation, probe) on a few small phantoms: in 300 steps the head learns to see an enlarged
-    heart (and, less surely on so little data, starts on pleural effusion)."""
+    heart (and, less surely on so little data, starts on pleural effusion). With ``detail``
+    (the demo's encoder) the standardisation is fitted on the training slices and saved."""
     labels = ["Cardiomegaly", "Pleural effusion"]
     run = RunConfig.from_toml({
         "run": {"out": str(tmp_path / "ckpt"), "device": "cpu", "seed": 3,
                 "stages": ["findings"]},
-        "model": {"encoder": "pyramid", "vision_hidden": 32, "z_hidden": 32, "z_layers": 1,
+        "model": {"encoder": "pyramid", "pyramid_detail": detail, "image_size": 40,
+                  "vision_hidden": 32, "z_hidden": 32, "z_layers": 1,
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": labels,
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
@@ -158,3 +161,7 @@ def test_findings_stage_learns_large_findings(tmp_path: Path) -> None:
     assert {"HU histogram (control)", "encoder, mean+max", "Z-former tokens, mean+max"} <= set(
         trainer.probe["table"])
     assert trainer.probe["verdict"] in ("learned", "FAILED")
+    tower = trainer.model.vision_tower
+    if detail:  # fitted, not the identity it starts as, and part of the saved state
+        assert float(tower.feature_std.min()) >= 0.01 and float(tower.feature_mean.abs().max()) > 0
+        assert "vision_tower.feature_mean" in trainer.model.state_dict()
