@@ -525,7 +525,7 @@ class Trainer:
                               unit="study", disable=not self.main):
                 self.lower(study)
             tower: Any = self.model.vision_tower
-            if hasattr(tower, "fit_standardisation"):  # every 4th slice of the training split
+            if getattr(tower, "detail", False):  # every 4th slice of the training split
                 sample = torch.cat([f[::4].float() for s in self.data.train
                                     for f, _ in self._lower[s.study_id]])
                 tower.fit_standardisation(sample.to(self.device))
