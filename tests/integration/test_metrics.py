@@ -94,7 +94,7 @@ def test_scrape_status_and_readiness_of_a_running_node(
     assert value(scraped, "msvlm_instances_stored") == len(files) + 1  # and the draft SR
     assert value(scraped, "msvlm_spool_depth") == 0
     assert value(scraped, "msvlm_storage_free_bytes") > 0
-    loaded = [k for k, v in scraped.items() if k[0] == "msvlm_worker_model_loaded" and v == 1]
+    loaded = [k for k, v in scraped.items() if k[0] == "msvlm_model_info" and v == 1]
     assert len(loaded) == 1 and len(dict(loaded[0][1])["version"]) == 16
     header = pydicom.dcmread(files[0], stop_before_pixels=True)
     assert str(header.PatientName) not in text and str(header.PatientID) not in text
