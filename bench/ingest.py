@@ -127,7 +127,9 @@ class Node(Receiver):
                        # streaming on (the default) and engaged for any body part, so the
                        # worker encodes slices while they arrive, as in a deployment
                        f'[worker]\nstream = {str(self.stream).lower()}\n'
-                       f'[selection]\nbody_parts = ["*"]\n')
+                       f'[selection]\nbody_parts = ["*"]\n'
+                       # metrics on, as deployed (counters in every process, a listener)
+                       f'[metrics]\nlisten = "127.0.0.1:0"\n')
         self.proc = subprocess.Popen([MSVLM_NODE, "serve", "-c", str(cfg), "--log-level",
                                       "WARNING"], env=ENV)
         wait_port(self.port)
