@@ -49,6 +49,14 @@ def test_scrape_status_and_readiness_of_a_running_node(
         tmp_path: Path, make_config: Callable[..., Config],
         serve: Callable[[Config], ServeProcess]) -> None:
     scp = StoreSCP(tmp_path).start()
+    try:
+        check_running_node(tmp_path, make_config, serve, scp)
+    finally:
+        scp.stop()
+
+
+def check_running_node(tmp_path: Path, make_config: Callable[..., Config],
+                       serve: Callable[[Config], ServeProcess], scp: StoreSCP) -> None:
     metrics_port = free_port()
     sections: dict[str, dict[str, Any]] = {
         "node": {"receive_processes": 2, "accept_unknown_peers": False},
@@ -126,6 +134,5 @@ def test_scrape_status_and_readiness_of_a_running_node(
     wait_for(lambda: get(metrics_port, "/readyz")[0] == 200, 20, "/readyz 200 again")
 
     proc.stop()
-    scp.stop()
     after = run_cli("status", "-c", str(config.path))
     assert after.returncode == 3 and "NOT RUNNING" in after.stdout
