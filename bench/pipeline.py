@@ -11,6 +11,7 @@ encoded while the study arrives). Prints them side by side with the targets (sta
 queued).
 
     .venv/bin/python bench/pipeline.py [--slices 300] [--matrix 512] [--quiet-s 60]
+                                       [--stream-only]
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main() -> int:
     parser.add_argument("--quiet-s", type=float, default=60.0,
                         help="the quiet period of the first run (the default stable_age_s)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/msvlm-pipe"))
+    parser.add_argument("--stream-only", action="store_true",
+                        help="only the association cue + streaming run (no before/after table)")
     args = parser.parse_args()
     study = args.work / f"study-{args.slices}x{args.matrix}"
     if not study.exists():
@@ -131,6 +134,12 @@ def main() -> int:
               flush=True)
         build_study(study, args.slices, args.matrix)
     off, on = "[worker]\nstream = false\n", "[worker]\nstream = true\n"
+    if args.stream_only:
+        stages = run_mode(args, study, "association_cue = true\nsettle_s = 2\n" + on, 600.0,
+                          "stream")
+        for name, value in stages.items():
+            print(f"  {name:34s}{value:10.2f}")
+        return 0 if stages["queued -> SR at Orthanc"] <= STABLE_TARGET_S else 1
     modes = {
         f"quiet {args.quiet_s:.0f} s, no streaming":
             run_mode(args, study, "association_cue = false\nexpected_count_cue = false\n" + off,

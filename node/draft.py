@@ -90,7 +90,8 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
                 generator: Any, rules: SelectionRules,
                 device_uid: str, previous: Sequence[pydicom.Dataset] = (),
                 pdf: bool = False, key_images: bool = False,
-                cached: Mapping[Path, bytes] | None = None) -> Draft:
+                cached: Mapping[Path, bytes] | None = None,
+                headers_known: Any = None) -> Draft:
     """Draft the report of one study.
 
     Parameters
@@ -114,6 +115,8 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
     cached : mapping, optional
         Slice embeddings computed while the study arrived (file -> float32 bytes, under the
         generator's ``stream_key``): those slices' pixels are not read again.
+    headers_known : storage.volumes.HeaderCache, optional
+        Headers of slices streaming read: not read again.
 
     Raises
     ------
@@ -135,7 +138,8 @@ def draft_study(series: Sequence[SeriesInfo], paths: Mapping[str, Sequence[Path]
         files = paths[s.series_instance_uid]
         hits = {p: cached[p] for p in files if p in cached} if cached else {}
         try:
-            views = _streamed_view(files, hits, generator, timings) if hits else None
+            views = (_streamed_view(files, hits, generator, timings, headers_known)
+                     if hits else None)
             if views is None:
                 views = _read_view(files, generator, timings)
             else:
@@ -190,41 +194,50 @@ def _read_view(files: Sequence[Path], generator: Any,
 
 
 def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator: Any,
-                   timings: dict[str, float]) -> list[tuple[Any, list[pydicom.Dataset]]] | None:
-    """A series whose slices were (partly) encoded while it arrived: headers only for the
-    geometry, pixels and encoding for the slices not cached yet. ``None`` when the series
+                   timings: dict[str, float], known: Any = None
+                   ) -> list[tuple[Any, list[pydicom.Dataset]]] | None:
+    """A series whose slices were (partly) encoded while it arrived: pixels and encoding for
+    the slices not cached yet, headers for the geometry (those streaming kept in ``known``, a
+    :class:`~storage.volumes.HeaderCache`, are not read again). ``None`` when the series
     cannot be read this way (multi-frame objects; a model that sees whole volumes)."""
     import numpy as np
     import torch
 
     from models.msvlm import EncodedView
-    from storage.volumes import VolumeError, read_series_headers, read_slice
+    from storage.volumes import (HeaderCache, VolumeError, is_multiframe,
+                                 read_series_headers, read_slice)
 
     if not generator.streamable:
         return None
+    known = known if known is not None else HeaderCache(len(files))
     start = time.perf_counter()
+    missing = [p for p in files if p not in hits]
+    fresh: dict[Path, np.ndarray] = {}
+    modality = None
+    for chunk in range(0, len(missing), 32):  # at most 32 slices of pixels in memory
+        part = missing[chunk:chunk + 32]
+        pixels = [read_slice(p, known) for p in part]
+        if any(known.get(p) is None or is_multiframe(known.get(p)) for p in part):
+            return None  # read whole (multi-frame objects; a header not kept)
+        modality = modality or str(known.get(part[0]).Modality)  # type: ignore[union-attr]
+        if len({x.shape for x in pixels}) != 1:
+            raise VolumeError("slices of different sizes")
+        timings["load_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        fresh.update(zip(part, generator.encode_images(np.stack(pixels), modality)))
+        timings["encode_s"] += time.perf_counter() - start
+        start = time.perf_counter()
     try:
-        ordered, view_headers, z = read_series_headers(files)
+        ordered, view_headers, z = read_series_headers(files, known)
     except VolumeError as exc:
         if "multi-frame" in str(exc):
             return None
         raise
     first = view_headers[0]
-    modality = str(first.Modality)
-    missing = [p for p in ordered if p not in hits]
-    fresh: dict[Path, np.ndarray] = {}
-    for chunk in range(0, len(missing), 32):  # at most 32 slices of pixels in memory
-        part = missing[chunk:chunk + 32]
-        pixels = np.stack([read_slice(p) for p in part])
-        timings["load_s"] += time.perf_counter() - start
-        start = time.perf_counter()
-        fresh.update(zip(part, generator.encode_images(pixels, modality)))
-        timings["encode_s"] += time.perf_counter() - start
-        start = time.perf_counter()
     rows = [fresh[p] if p in fresh else np.frombuffer(hits[p], dtype="<f4") for p in ordered]
     timings["load_s"] += time.perf_counter() - start
     view = EncodedView(torch.from_numpy(np.stack(rows).astype(np.float32)),
-                       torch.as_tensor(z, dtype=torch.float32), modality,
+                       torch.as_tensor(z, dtype=torch.float32), str(first.Modality),
                        classify.plane(first).value, classify.phase(first),
                        str(first.SeriesInstanceUID))
     return [(view, view_headers)]

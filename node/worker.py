@@ -68,6 +68,9 @@ class Worker:
             config.model.checkpoint_path, config.model.device)
         self.rules = rules_for(config.selection, self.generator.card)  # type: ignore[attr-defined]
         self._stream_failed: set[int] = set()  # instances streaming could not read
+        from storage.volumes import HeaderCache
+
+        self._headers = HeaderCache()  # headers of streamed slices, not read again to draft
 
     def close(self) -> None:
         self.index.close()
@@ -149,7 +152,8 @@ class Worker:
         by_modality: dict[str, list[tuple[int, Any]]] = defaultdict(list)
         for instance_id, path, series in rows:
             try:
-                by_modality[series.modality or ""].append((instance_id, read_slice(path)))
+                by_modality[series.modality or ""].append((instance_id,
+                                                            read_slice(path, self._headers)))
             except (VolumeError, OSError) as exc:  # read again (and judged) at completion
                 logger.debug("Streaming skips %s: %s", path.name, exc)
                 self._stream_failed.add(instance_id)
@@ -281,7 +285,8 @@ class Worker:
         draft: Draft = draft_study(series, paths, self.generator, self.rules,
                                    self.index.device_uid, previous=self._previous(job),
                                    pdf=self.config.report.pdf,
-                                   key_images=self.config.report.key_images, cached=cached)
+                                   key_images=self.config.report.key_images, cached=cached,
+                                   headers_known=self._headers)
         start = time.perf_counter()
         sr_path = self._store(draft.sr)
         pdf = (str(draft.pdf.SOPInstanceUID), self._store(draft.pdf)) if draft.pdf else None

@@ -8,8 +8,9 @@ builds from them. Reading goes through highdicom's volume API.
 
 from __future__ import annotations
 
+import os
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -282,8 +283,8 @@ def read_series(paths: Sequence[str | Path]) -> list[SeriesVolume]:
         uids = {str(ds.SeriesInstanceUID) for ds in datasets}
         if len(uids) != 1:
             raise VolumeError(f"files of {len(uids)} series")
-        multiframe = [ds for ds in datasets if _is_multiframe(ds)]
-        single = [ds for ds in datasets if not _is_multiframe(ds)]
+        multiframe = [ds for ds in datasets if is_multiframe(ds)]
+        single = [ds for ds in datasets if not is_multiframe(ds)]
         volumes = [_read_multiframe(ds) for ds in multiframe]
         if single:
             volumes.insert(0, _read_single_frames(single))
@@ -296,7 +297,7 @@ def read_series(paths: Sequence[str | Path]) -> list[SeriesVolume]:
         raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
 
 
-def _is_multiframe(ds: Dataset) -> bool:
+def is_multiframe(ds: Dataset) -> bool:
     return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
 
@@ -345,11 +346,13 @@ def _order_single_frames(datasets: list[Dataset]) -> tuple[list[Dataset], np.nda
     return [datasets[i] for i in order], positions[order]
 
 
-def read_series_headers(paths: Sequence[str | Path]) -> tuple[list[Path], list[Dataset],
-                                                              np.ndarray]:
+def read_series_headers(paths: Sequence[str | Path],
+                        known: HeaderCache | None = None) -> tuple[list[Path], list[Dataset],
+                                                                   np.ndarray]:
     """A single-frame series' files and headers (no pixel data) in slice order, and each
     slice's position along the normal: the geometry of :func:`read_series` without reading
-    pixels (streaming reads those slice by slice, :func:`read_slice`).
+    pixels (streaming reads those slice by slice, :func:`read_slice`). Headers in ``known``
+    (kept when the slices were read) are not read again.
 
     Raises
     ------
@@ -357,12 +360,12 @@ def read_series_headers(paths: Sequence[str | Path]) -> tuple[list[Path], list[D
         As :func:`read_series`; also for multi-frame objects (read them with it).
     """
     try:
-        datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        datasets = [_header(p, known) for p in paths]
         if not datasets:
             raise VolumeError("no files")
         if len({str(ds.SeriesInstanceUID) for ds in datasets}) != 1:
             raise VolumeError("files of several series")
-        if any(_is_multiframe(ds) for ds in datasets):
+        if any(is_multiframe(ds) for ds in datasets):
             raise VolumeError("multi-frame objects are read whole")
         for ds, path in zip(datasets, paths):
             ds.filename = str(path)
@@ -376,16 +379,73 @@ def read_series_headers(paths: Sequence[str | Path]) -> tuple[list[Path], list[D
         raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
 
 
-def read_slice(path: str | Path) -> np.ndarray:
+def _header(path: str | Path, known: HeaderCache | None) -> Dataset:
+    header = known.get(path) if known is not None else None
+    return header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def read_slice(path: str | Path, known: HeaderCache | None = None) -> np.ndarray:
     """One single-frame image's pixels as float32 ``(H, W)`` after the modality LUT (HU for
-    CT), as stored: the values :func:`read_series` puts in that slice of the volume."""
+    CT), as stored: the values :func:`read_series` puts in that slice of the volume. With
+    ``known``, its header (without the pixel data) is kept there for
+    :func:`read_series_headers`."""
     try:
         ds = pydicom.dcmread(path)
-        return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+        pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - see read_series
         raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
+    if known is not None:
+        for tag in [t for t in ds.keys() if t >= PIXEL_DATA_TAG]:  # as stop_before_pixels
+            del ds[tag]
+        known.put(path, ds)
+    return pixels
+
+
+PIXEL_DATA_TAG = 0x7FE00010
+
+
+class HeaderCache:
+    """Headers (no pixel data) of recently read slices, by path, so the draft of a streamed
+    study does not read its files' headers again (measured: 300 headers ~0.4 s of the 1.5 s
+    target from stable to SR). An entry counts only while the file's size and modification time
+    are those it was read with (a re-sent instance replaces its file). At most ``capacity``
+    headers, the oldest dropped first."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[tuple[int, int], Dataset]] = OrderedDict()
+
+    @staticmethod
+    def _stamp(path: str | Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
+    def put(self, path: str | Path, header: Dataset) -> None:
+        stamp = self._stamp(path)
+        if stamp is None:
+            return
+        header.filename = str(path)
+        self._items[str(path)] = (stamp, header)
+        self._items.move_to_end(str(path))
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, path: str | Path) -> Dataset | None:
+        item = self._items.get(str(path))
+        if item is None:
+            return None
+        if self._stamp(path) != item[0]:
+            del self._items[str(path)]
+            return None
+        return item[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def _read_single_frames(datasets: list[Dataset]) -> SeriesVolume:

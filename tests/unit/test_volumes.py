@@ -13,7 +13,8 @@ import pytest
 from pydicom.uid import RLELossless, generate_uid
 
 from storage.volumes import (
-    ORIENTATION_TOLERANCE_DEG, StudyInfo, VolumeError, read_series, write_ct_series,
+    ORIENTATION_TOLERANCE_DEG, HeaderCache, StudyInfo, VolumeError, read_series,
+    read_series_headers, read_slice, write_ct_series,
 )
 
 
@@ -173,3 +174,32 @@ def test_truncated_and_damaged_multiframe_reasons(
         read_series([path])
     assert str(caught.value) == ("multi-frame image 1 is not a volume: a required DICOM "
                                  "attribute is missing or invalid: Pixel Spacing")
+
+
+def test_headers_kept_while_streaming_are_not_read_again(
+        series: tuple[np.ndarray, list[float], list[Path]]) -> None:
+    pixels, z, paths = series
+    known = HeaderCache()
+    for k, path in enumerate(paths):  # streaming reads each slice once
+        assert np.array_equal(read_slice(path, known), pixels[k])
+    kept = known.get(paths[0])
+    on_disk = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert kept is not None and "PixelData" not in kept and kept == on_disk
+    ordered, headers, z_read = read_series_headers(paths[::-1], known)
+    assert ordered == paths and np.allclose(z_read, z)
+    assert all(h is known.get(p) for h, p in zip(headers, paths))  # the kept ones, not re-read
+    # a re-sent instance replaces its file: the kept header no longer counts
+    ds = pydicom.dcmread(paths[2])
+    ds.InstanceNumber = 77
+    ds.save_as(paths[2], enforce_file_format=True)
+    _, headers, _ = read_series_headers(paths, known)
+    assert int(headers[2].InstanceNumber) == 77
+
+
+def test_header_cache_keeps_the_newest_only(
+        series: tuple[np.ndarray, list[float], list[Path]]) -> None:
+    _, _, paths = series
+    known = HeaderCache(capacity=2)
+    for path in paths[:3]:
+        read_slice(path, known)
+    assert len(known) == 2 and known.get(paths[0]) is None and known.get(paths[2]) is not None
