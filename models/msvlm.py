@@ -35,6 +35,7 @@ class MSVLMConfig:
     encoder: str = "slice"
     pyramid_grid: int = 3
     pyramid_detail: bool = False  # calcium bins and spot responses (models/cnn.py)
+    pyramid_lesions: bool = False  # isolated spots in lung, gaps in contrast (needs detail)
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -337,6 +338,7 @@ class MSVLM(nn.Module):
 
             tower = PyramidSliceEncoder(config.vision_hidden, config.pyramid_grid,
                                         detail=config.pyramid_detail,
+                                        lesions=config.pyramid_lesions,
                                         matrix=config.image_size)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder

@@ -249,6 +249,7 @@ class Trainer:
         self._targets: dict[str, torch.Tensor] = {}
         self._lower: dict[str, list[tuple[torch.Tensor, EncodedView]]] = {}
         self.probe: dict[str, Any] = {}
+        self.head_valid: dict[str, Any] = {}  # the finding head on validation (model card)
         if "findings" in run.stages and not self.config.labels:
             raise ValueError("Invalid run file - [model] labels: the findings stage needs the "
                              "label list")
@@ -514,6 +515,7 @@ class Trainer:
             if "thresholds" in done:
                 self.config.finding_thresholds = done["thresholds"]
                 self.probe = done.get("probe", {})
+                self.head_valid = done.get("head_valid", {})
             logger.info("Stage %s already done; skipped", stage)
             return
         self.reset_cache()
@@ -663,6 +665,7 @@ class Trainer:
         logger.info("Finding head on the validation split (thresholds tuned there): macro F1 "
                     "%.3f, AUROC %.3f", head["macro_f1"], head["auroc"])
         self.probe = self.run_probe()
+        self.head_valid = head
         return {"thresholds": self.config.finding_thresholds, "head_valid": head,
                 "probe": self.probe}
 
@@ -827,6 +830,11 @@ class Trainer:
             card["training"]["supervision"] = (
                 "study-level report text and the labels the rule labeler reads from it; no "
                 "lesion positions or other signal beyond what real data sets have")
+            # never stated by the drafts (validation AUROC below min_auroc), and said so
+            card["not_assessed"] = [label for label, t in zip(
+                self.config.labels, self.config.finding_thresholds) if t > 1.0]
+        if self.head_valid:
+            card["head_validation"] = self.head_valid
         if self.probe:
             card["probe"] = {k: v for k, v in self.probe.items() if k != "per_label"}
         save_checkpoint(self.model.eval(), self.tokenizer, self.out, card)

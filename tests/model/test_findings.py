@@ -130,17 +130,51 @@ def test_detail_encoder_separates_calcium_and_keeps_spots() -> None:
     assert torch.allclose(enc.lower(torch.as_tensor(big))[0], f["spot"], atol=0.02)
 
 
+def test_lesion_cues_tell_a_nodule_from_a_vessel_and_find_a_filling_defect() -> None:
+    """``lesions``: an 8 mm soft-tissue spot surrounded by lung gives an isolated-spot response
+    in its cell, the same spot touching the mediastinum or a long vessel does not give as
+    much; a soft-tissue plug in an enhanced artery raises the gap share of its cell, an artery
+    without one does not; MR slices give zeros of the same width."""
+    from models.cnn import GAP_DISTANCES, ISOLATED_SPOTS, PyramidSliceEncoder
+
+    enc = PyramidSliceEncoder(16, grid=3, detail=True, matrix=128, lesions=True)
+    n_spot, n_gap = len(ISOLATED_SPOTS) * 9, len(GAP_DISTANCES) * 9
+    lung = np.full((1, 128, 128), -860.0, dtype=np.float32)
+    nodule, vessel = lung.copy(), lung.copy()
+    yy, xx = np.mgrid[:128, :128]
+    nodule[0][(yy - 64) ** 2 + (xx - 64) ** 2 <= 2 ** 2] = 35.0  # 5 px ~ 13 mm across
+    vessel[0, 62:67, 20:110] = 35.0  # a vessel in plane, as wide
+    artery = np.full((1, 128, 128), 45.0, dtype=np.float32)
+    artery[0, 60:66, 20:110] = 330.0
+    plugged = artery.copy()
+    plugged[0, 60:66, 62:65] = 40.0  # 3 px ~ 8 mm along the artery
+    cues = {name: enc.lower(torch.as_tensor(v))[0, -(n_spot + n_gap):]
+            for name, v in (("lung", lung), ("nodule", nodule), ("vessel", vessel),
+                            ("artery", artery), ("plugged", plugged))}
+    centre = 4  # the middle cell of the 3 x 3 layout
+    assert cues["nodule"][centre] > 0.1 and cues["lung"][:n_spot].max() < 1e-3
+    assert cues["vessel"][centre] < cues["nodule"][centre] / 2
+    gaps = [n_spot + 9 * k + centre for k in range(len(GAP_DISTANCES))]
+    assert (cues["plugged"][gaps] > 0).all() and not cues["artery"][n_spot:].any()
+    mr = enc.lower(torch.as_tensor(plugged), "MR")[0]
+    assert mr.shape == (enc.in_dim,) and not mr[-(n_spot + n_gap):].any()
+    with pytest.raises(ValueError, match="pyramid_lesions"):
+        PyramidSliceEncoder(16, lesions=True)
+
+
 @pytest.mark.parametrize("detail", [False, True])
 def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> None:
     """The real training path (cached lower features, class-balanced BCE, thresholds tuned on
     validation, probe) on a few small phantoms: in 300 steps the head learns to see an enlarged
     heart (and, less surely on so little data, starts on pleural effusion). With ``detail``
-    (the demo's encoder) the standardisation is fitted on the training slices and saved."""
+    and ``lesions`` (the demo's encoder) the standardisation is fitted on the training slices
+    and saved."""
     labels = ["Cardiomegaly", "Pleural effusion"]
     run = RunConfig.from_toml({
         "run": {"out": str(tmp_path / "ckpt"), "device": "cpu", "seed": 3,
                 "stages": ["findings"]},
-        "model": {"encoder": "pyramid", "pyramid_detail": detail, "image_size": 40,
+        "model": {"encoder": "pyramid", "pyramid_detail": detail, "pyramid_lesions": detail,
+                  "image_size": 40,
                   "vision_hidden": 32, "z_hidden": 32, "z_layers": 1,
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": labels,
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
@@ -161,6 +195,7 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
     assert {"HU histogram (control)", "encoder, mean+max", "Z-former tokens, mean+max"} <= set(
         trainer.probe["table"])
     assert trainer.probe["verdict"] in ("learned", "FAILED")
+    assert set(trainer.head_valid["per_label"]) == set(labels)  # for the model card
     tower = trainer.model.vision_tower
     if detail:  # fitted, not the identity it starts as, and part of the saved state
         assert float(tower.feature_std.min()) >= 0.0099 and float(tower.feature_mean.abs().max()) > 0
