@@ -217,9 +217,10 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
     for chunk in range(0, len(missing), 32):  # at most 32 slices of pixels in memory
         part = missing[chunk:chunk + 32]
         pixels = [read_slice(p, known) for p in part]
-        if any(known.get(p) is None or is_multiframe(known.get(p)) for p in part):
+        kept = [known.get(p) for p in part]
+        if any(h is None or is_multiframe(h) for h in kept):
             return None  # read whole (multi-frame objects; a header not kept)
-        modality = modality or str(known.get(part[0]).Modality)  # type: ignore[union-attr]
+        modality = modality or str(kept[0].Modality)  # type: ignore[union-attr]
         if len({x.shape for x in pixels}) != 1:
             raise VolumeError("slices of different sizes")
         timings["load_s"] += time.perf_counter() - start

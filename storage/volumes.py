@@ -379,6 +379,10 @@ def read_series_headers(paths: Sequence[str | Path],
         raise VolumeError(readable_reason(exc), f"{type(exc).__name__}: {exc}") from exc
 
 
+PIXEL_DATA_TAG = 0x7FE00010
+"""A header is every element before Pixel Data (what ``stop_before_pixels`` reads)."""
+
+
 def _header(path: str | Path, known: HeaderCache | None) -> Dataset:
     header = known.get(path) if known is not None else None
     return header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
@@ -401,9 +405,6 @@ def read_slice(path: str | Path, known: HeaderCache | None = None) -> np.ndarray
         header.file_meta = ds.file_meta  # as stop_before_pixels reads it
         known.put(path, header)
     return pixels
-
-
-PIXEL_DATA_TAG = 0x7FE00010
 
 
 class HeaderCache:
