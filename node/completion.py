@@ -11,8 +11,9 @@ and the delivery retries in the serving process; neither touches the receive pat
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -53,13 +54,22 @@ class Scheduler:
     before_scan : callable, optional
         Run before each completion scan (the node indexes what is spooled, so a study is never
         judged stable while one of its instances waits in ``incoming/``).
+    on_queued : callable, optional
+        Called when a scan queued jobs (the node wakes its workers).
+    outbox_wake : multiprocessing.Event, optional
+        Set by a worker that put objects in the outbox: the delivery runs at once.
     """
 
     def __init__(self, queue: JobQueue, config: Config,
-                 before_scan: Callable[[], object] | None = None) -> None:
+                 before_scan: Callable[[], object] | None = None,
+                 on_queued: Callable[[], object] | None = None,
+                 outbox_wake: Any = None) -> None:
         self.queue = queue
         self.sender = Sender(queue, config)
         self.before_scan = before_scan
+        self.on_queued = on_queued
+        self.outbox_wake = outbox_wake
+        self._stopping = threading.Event()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         options = dict(max_instances=1, coalesce=True, misfire_grace_time=None)
         self.scheduler.add_job(self.scan, "interval", seconds=scan_interval_s(config),
@@ -75,7 +85,10 @@ class Scheduler:
         try:
             if self.before_scan is not None:
                 self.before_scan()
-            return self.queue.queue_stable()
+            queued = self.queue.queue_stable()
+            if queued and self.on_queued is not None:
+                self.on_queued()
+            return queued
         except Exception:  # noqa: BLE001 - the next scan tries again
             logger.exception("Completion scan failed")
             return []
@@ -107,8 +120,25 @@ class Scheduler:
         self.sender.config = config
         self.sender.audit = AuditTrail.from_config(config)
 
+    def _watch_outbox(self) -> None:
+        """Run the delivery as soon as a worker says the outbox has something (the interval
+        job stays for retries and for workers elsewhere)."""
+        while not self._stopping.is_set():
+            if self.outbox_wake.wait(1.0) and not self._stopping.is_set():
+                self.outbox_wake.clear()
+                try:
+                    self.scheduler.modify_job("delivery", next_run_time=datetime.now(timezone.utc))
+                except Exception:  # noqa: BLE001 - the interval run sends it a moment later
+                    logger.debug("Delivery not brought forward", exc_info=True)
+
     def start(self) -> None:
         self.scheduler.start()
+        if self.outbox_wake is not None:
+            threading.Thread(target=self._watch_outbox, name="msvlm-outbox-wake",
+                             daemon=True).start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self.outbox_wake is not None:
+            self.outbox_wake.set()
         self.scheduler.shutdown(wait=True)

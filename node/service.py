@@ -87,6 +87,9 @@ class Node:
         self._ctx = multiprocessing.get_context("fork")
         # Workers load PyTorch: a fresh interpreter, not a fork of this threaded process.
         self._worker_ctx = multiprocessing.get_context("spawn")
+        # queued job -> worker n starts it; finished job -> the outbox is sent (no polling wait)
+        self._job_wakes: dict[int, Any] = {}
+        self._outbox_wake = self._worker_ctx.Event()
 
     @property
     def port(self) -> int:
@@ -121,7 +124,8 @@ class Node:
             self.indexer.run_once()
         self.indexer.start()
         self.scheduler = Scheduler(JobQueue(self.index, cfg), cfg,
-                                   before_scan=self.indexer.run_once)
+                                   before_scan=self.indexer.run_once,
+                                   on_queued=self._wake_workers, outbox_wake=self._outbox_wake)
         self.scheduler.start()
         self.workers = [self._spawn_worker(n) for n in range(cfg.worker.processes)]
         if cfg.metrics.address is not None:
@@ -140,11 +144,17 @@ class Node:
                     "storage %s", cfg.node.ae_title, cfg.node.bind_address, self.port,
                     self.processes, len(self.workers), cfg.storage.root)
 
+    def _wake_workers(self) -> None:
+        for event in self._job_wakes.values():
+            event.set()
+
     def _spawn_worker(self, n: int) -> multiprocessing.process.BaseProcess:
         self._worker_started[n] = time.monotonic()
+        wake = self._job_wakes.setdefault(n, self._worker_ctx.Event())
         proc = self._worker_ctx.Process(
             target=worker_process, name=f"msvlm-worker-{n}", daemon=True,
-            args=(self.config, logging.getLogger().getEffectiveLevel(), os.getpid()))
+            args=(self.config, logging.getLogger().getEffectiveLevel(), os.getpid(), wake,
+                  self._outbox_wake))
         # the worker starts with SIGHUP blocked (the mask survives exec) until its handler is in
         # place, so a reload while it loads the model is not its end
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})

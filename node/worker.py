@@ -49,14 +49,22 @@ class Worker:
     generator : ReportGenerator, optional
         A loaded checkpoint; default: ``[model] checkpoint`` on ``[model] device``.
     poll_s : float
-        How often an idle worker looks for jobs.
+        How often an idle worker looks for jobs (and slices to stream).
+    wake : multiprocessing.Event, optional
+        Set by the serving process when it queued a job: the worker starts it at once instead
+        of at its next poll (a worker started alone, ``msvlm-node worker``, polls).
+    delivered : multiprocessing.Event, optional
+        Set by the worker when a finished job put objects in the outbox: the serving process
+        sends them at once instead of at its next look.
     """
 
-    def __init__(self, config: Config, generator: object = None, poll_s: float = 0.2) -> None:
+    def __init__(self, config: Config, generator: object = None, poll_s: float = 0.2,
+                 wake: Any = None, delivered: Any = None) -> None:
         from models.generator import ReportGenerator
 
         self.config = config
         self.poll_s = poll_s
+        self.wake, self.delivered = wake, delivered
         self.owner = default_owner()
         self.index = Index(config.storage.effective_database_url, config.file_store())
         self.queue = JobQueue(self.index, config)
@@ -129,8 +137,12 @@ class Worker:
             except Exception:  # noqa: BLE001 - the index may be briefly unavailable
                 logger.exception("Worker loop error; continuing")
                 ran = False
-            if not ran:
+            if ran:
+                continue
+            if self.wake is None:
                 stop.wait(self.poll_s)
+            elif self.wake.wait(self.poll_s):  # stop is seen at the latest after poll_s
+                self.wake.clear()
 
     def stream_once(self, batch: int = 16) -> int:
         """Encode up to ``batch`` slices of studies still arriving (``[worker] stream``) and
@@ -199,6 +211,8 @@ class Worker:
             metrics.job("failed")
         else:
             if self.queue.succeed(job.id, self.owner, outcome):
+                if self.delivered is not None and outcome.peers:
+                    self.delivered.set()
                 metrics.job("done", outcome.timings)
                 logger.info("Job %d done: SR %s to %s (%s)", job.id,
                             outcome.sr_sop_instance_uid, ", ".join(outcome.peers) or "nobody",
@@ -326,10 +340,12 @@ def stop_on_signals(stop: threading.Event, interrupt: bool = True) -> Callable[[
     return loaded.set
 
 
-def worker_process(config: Config, log_level: int, parent_pid: int | None = None) -> None:
+def worker_process(config: Config, log_level: int, parent_pid: int | None = None,
+                   wake: Any = None, delivered: Any = None) -> None:
     """Entry point of a worker process started by ``serve`` (spawned: a clean interpreter).
     It never outlives the node: the parent's death signals it, and a watcher stops it should
-    the parent be gone before that signal was armed."""
+    the parent be gone before that signal was armed. ``wake`` and ``delivered``: see
+    :class:`Worker`."""
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -355,7 +371,7 @@ def worker_process(config: Config, log_level: int, parent_pid: int | None = None
                     stop.set()
 
         threading.Thread(target=watch, name="msvlm-parent-watch", daemon=True).start()
-    worker = Worker(config)
+    worker = Worker(config, wake=wake, delivered=delivered)
     signal.signal(signal.SIGHUP, lambda *_: worker.reload())
     # serve starts workers with SIGHUP blocked: a reload sent while the model loaded is
     # delivered now, to the handler

@@ -93,3 +93,43 @@ def test_stored_reasons_for_studies_that_cannot_be_reported(tmp_path: Path,
     for _, error in reasons.values():  # never a Python exception text
         assert not any(word in (error or "") for word in ("Error:", "Tag (", "attribute '"))
     worker.close()
+
+
+def test_a_queued_job_starts_at_once_and_its_outbox_is_announced(tmp_path: Path,
+                                                                 make_config: Any) -> None:
+    """The serving process wakes an idle worker when the completion scan queues a job (the
+    worker's own poll is a minute here), and the worker announces the draft in the outbox."""
+    import multiprocessing
+    import threading
+
+    from node.completion import Scheduler
+
+    config = make_config(model={"checkpoint": "demo", "device": "cpu", "threads": 1},
+                         peers__pacs={"ae_title": "PACS", "host": "127.0.0.1", "port": 1},
+                         report={"send_to": ["pacs"]})
+    wake, delivered = multiprocessing.Event(), multiprocessing.Event()
+    worker = Worker(config, poll_s=60.0, wake=wake, delivered=delivered)
+    scheduler = Scheduler(worker.queue, config, on_queued=wake.set)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        received = time.time() - 120
+        for n, f in enumerate(write_phantom_study(tmp_path / "s", 91, slices=20, matrix=32)):
+            spooled = shutil.copy(f, worker.index.store.incoming / f"{n}.dcm")
+            os.utime(spooled, (received, received))
+        worker.index.drain(worker.index.store.pending())
+        time.sleep(2.0)  # past the worker's warm-up: it now waits in its 60 s poll
+        assert not wake.is_set()
+        queued_at = time.monotonic()
+        assert len(scheduler.scan()) == 1
+        assert delivered.wait(30.0), "the worker never announced its draft"
+        assert time.monotonic() - queued_at < 30.0
+        [(job, _)] = worker.queue.jobs()
+        assert job.state == JobState.DONE
+        assert [d.peer for d in worker.queue.deliveries()] == ["pacs"]
+    finally:
+        stop.set()
+        wake.set()
+        thread.join(timeout=60)
+        worker.close()
