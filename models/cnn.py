@@ -135,15 +135,23 @@ class PyramidSliceEncoder(nn.Module):
     pixels with enhanced blood on both sides along a line 2-3 pixels away (an embolus filling a
     pulmonary artery). Probe (same phantoms, per study the maximum over slices): embolism
     AUROC 0.98 (studies with an arterial phase) from the gap share of the central cell alone,
-    nodule 0.74 from the isolated spots (every earlier feature set: 0.57-0.71 for both). Not in
-    the demo: trained in its recipe, the per-slice MLP over-fitted and the head reached 0.68 /
-    0.65 (README, "Tried and not shipped").
+    nodule 0.74 from the isolated spots (every earlier feature set: 0.57-0.71 for both). Fed
+    through the MLP with the rest they were lost (it over-fitted; the head reached 0.68 / 0.65,
+    README "Tried and not shipped"), so they bypass it: the embedding's last :attr:`cue_dim`
+    values are the standardised cues themselves (``asinh``-compressed; the MLP writes the
+    others), which the Z-former sees with the rest and the finding head also reads as a maximum
+    over slices (:class:`models.findings.FindingHead`).
+
+    ``dropout``: on the MLP's hidden layer while training (the findings stage over-fitted
+    1,200 studies within ~1,250 steps without it).
     """
 
     raw_input = True  # encode_slices hands it the view's own values, not windowed channels
+    cue_dim = 0  # trailing embedding values that are lesion cues (``lesions``)
 
     def __init__(self, embed_dim: int, grid: int = 3, hidden: int = 256,
-                 detail: bool = False, matrix: int = 128, lesions: bool = False) -> None:
+                 detail: bool = False, matrix: int = 128, lesions: bool = False,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         if lesions and not detail:
             raise ValueError("Invalid 'pyramid_lesions' - needs 'pyramid_detail'")
@@ -160,15 +168,19 @@ class PyramidSliceEncoder(nn.Module):
             self.in_dim += len(BLOB_SIGMAS) * grid * grid * (len(MATERIAL_EDGES) + 1) * (
                 len(BLOB_EDGES))
             if lesions:
-                self.in_dim += (len(ISOLATED_SPOTS) + len(GAP_DISTANCES)) * grid * grid
+                self.cue_dim = (len(ISOLATED_SPOTS) + len(GAP_DISTANCES)) * grid * grid
+                self.in_dim += self.cue_dim
+                if embed_dim <= self.cue_dim:
+                    raise ValueError(f"Invalid 'vision_hidden' {embed_dim} - must exceed the "
+                                     f"{self.cue_dim} lesion cues")
             # per-feature standardisation, fitted once on the training data's lower features
             # (fit_standardisation) and saved with the weights: the shares differ little
             # between studies next to their offsets, and unscaled the head sat at the prior
             # loss for 1,000 steps (measured)
             self.register_buffer("feature_mean", torch.zeros(self.in_dim))
             self.register_buffer("feature_std", torch.ones(self.in_dim))
-        self.upper = nn.Sequential(nn.Linear(self.in_dim, hidden), nn.GELU(),
-                                   nn.Linear(hidden, embed_dim))
+        self.upper = nn.Sequential(nn.Linear(self.in_dim - self.cue_dim, hidden), nn.GELU(),
+                                   nn.Dropout(dropout), nn.Linear(hidden, embed_dim - self.cue_dim))
         self.embed_dim = embed_dim
 
     def _cells(self, H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,4 +299,7 @@ class PyramidSliceEncoder(nn.Module):
         z = features.clamp_min(0).sqrt()
         if self.detail:
             z = (z - self.feature_mean.to(z.dtype)) / self.feature_std.to(z.dtype)
-        return self.upper(z)
+        if not self.cue_dim:
+            return self.upper(z)
+        rest, cues = z[:, :-self.cue_dim], z[:, -self.cue_dim:]
+        return torch.cat([self.upper(rest), torch.asinh(cues)], dim=1)

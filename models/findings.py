@@ -26,9 +26,14 @@ class FindingOutput:
 
 class FindingHead(nn.Module):
     """Multi-head cross-attention of ``num_labels`` queries over ``(B, L, D)`` slice tokens,
-    then a per-label linear read-out of each query's pooled vector."""
+    then a per-label linear read-out of each query's pooled vector.
 
-    def __init__(self, num_labels: int, dim: int, heads: int = 4) -> None:
+    With ``cue_dim`` the head also reads ``(B, L, cue_dim)`` per-slice lesion cues (the
+    pyramid encoder's, ``models/cnn.py``): their maximum over the study's slices, through one
+    linear layer (zero at start), is added to the logits. A lesion on a few slices is a
+    maximum, which attention pooling over hundreds of slices learned too slowly to find."""
+
+    def __init__(self, num_labels: int, dim: int, heads: int = 4, cue_dim: int = 0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"Invalid 'head_heads' {heads} - must divide z_hidden {dim}")
@@ -41,8 +46,14 @@ class FindingHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.weight = nn.Parameter(torch.randn(num_labels, dim) * 0.02)
         self.bias = nn.Parameter(torch.zeros(num_labels))
+        self.cue: nn.Linear | None = None
+        if cue_dim:
+            self.cue = nn.Linear(cue_dim, num_labels)
+            nn.init.zeros_(self.cue.weight)
+            nn.init.zeros_(self.cue.bias)
 
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> FindingOutput:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
+                cues: torch.Tensor | None = None) -> FindingOutput:
         B, L, D = tokens.shape
         H, d = self.heads, D // self.heads
         x = self.norm(tokens)
@@ -56,6 +67,9 @@ class FindingHead(nn.Module):
         h = self.out_norm(pooled)
         h = h + self.mlp(h)
         logits = (h * self.weight).sum(dim=-1) + self.bias  # (B, N)
+        if self.cue is not None and cues is not None:
+            peak = cues.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (B, C)
+            logits = logits + self.cue(peak)
         return FindingOutput(logits, att.mean(dim=1), valid)
 
 

@@ -36,6 +36,7 @@ class MSVLMConfig:
     pyramid_grid: int = 3
     pyramid_detail: bool = False  # calcium bins and spot responses (models/cnn.py)
     pyramid_lesions: bool = False  # isolated spots in lung, gaps in contrast (needs detail)
+    pyramid_dropout: float = 0.0  # on the pyramid MLP's hidden layer, while training
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -339,7 +340,8 @@ class MSVLM(nn.Module):
             tower = PyramidSliceEncoder(config.vision_hidden, config.pyramid_grid,
                                         detail=config.pyramid_detail,
                                         lesions=config.pyramid_lesions,
-                                        matrix=config.image_size)
+                                        matrix=config.image_size,
+                                        dropout=config.pyramid_dropout)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder
 
@@ -365,7 +367,7 @@ class MSVLM(nn.Module):
             if config.finding_thresholds and len(config.finding_thresholds) != len(config.labels):
                 raise ValueError("Invalid 'finding_thresholds' - one per label")
             self.finding_head = FindingHead(len(config.labels), config.z_hidden,
-                                            config.head_heads)
+                                            config.head_heads, self.cue_dim)
             if config.condition_on_findings:  # (label, absent/present) -> one LM token each
                 self.label_tokens = nn.Embedding(2 * len(config.labels), lm_width)
                 nn.init.normal_(self.label_tokens.weight, std=0.02)
@@ -375,6 +377,16 @@ class MSVLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def cue_dim(self) -> int:
+        """Trailing slice-embedding values that are lesion cues the head reads directly."""
+        return int(getattr(self.vision_tower, "cue_dim", 0))
+
+    def _head(self, seq: torch.Tensor, emb: torch.Tensor, valid: torch.Tensor) -> FindingOutput:
+        assert self.finding_head is not None
+        cues = emb[..., -self.cue_dim:] if self.cue_dim else None
+        return self.finding_head(seq[:, self.config.z_global_tokens:], valid, cues)
 
     # -- encode: slices -> embeddings (cacheable) ---------------------------------------------------
     def encode_slices(self, view: View, grad: bool = False) -> EncodedView:
@@ -442,9 +454,7 @@ class MSVLM(nn.Module):
         G = self.config.z_global_tokens
         key_valid = torch.cat([valid.new_ones(valid.shape[0], G), valid], dim=1)
         visual = self.multi_modal_projector(self.resampler(seq, key_valid))
-        findings = None
-        if self.finding_head is not None:
-            findings = self.finding_head(seq[:, G:], valid)
+        findings = self._head(seq, emb, valid) if self.finding_head is not None else None
         return visual, findings
 
     def visual_tokens(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
@@ -465,8 +475,7 @@ class MSVLM(nn.Module):
         if self.finding_head is None:
             raise ValueError("Invalid model - the config names no labels, so it has no head")
         emb, meta, z, valid = self.collate(studies)
-        seq = self.z_former(emb, meta, z, valid)
-        return self.finding_head(seq[:, self.config.z_global_tokens:], valid)
+        return self._head(self.z_former(emb, meta, z, valid), emb, valid)
 
     def decide(self, findings: FindingOutput) -> torch.Tensor:
         """``(B, N)`` 0/1 decisions with the thresholds stored in the checkpoint."""

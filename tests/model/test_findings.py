@@ -137,7 +137,7 @@ def test_lesion_cues_tell_a_nodule_from_a_vessel_and_find_a_filling_defect() -> 
     without one does not; MR slices give zeros of the same width."""
     from models.cnn import GAP_DISTANCES, ISOLATED_SPOTS, PyramidSliceEncoder
 
-    enc = PyramidSliceEncoder(16, grid=3, detail=True, matrix=128, lesions=True)
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True)
     n_spot, n_gap = len(ISOLATED_SPOTS) * 9, len(GAP_DISTANCES) * 9
     lung = np.full((1, 128, 128), -860.0, dtype=np.float32)
     nodule, vessel = lung.copy(), lung.copy()
@@ -158,8 +158,36 @@ def test_lesion_cues_tell_a_nodule_from_a_vessel_and_find_a_filling_defect() -> 
     assert (cues["plugged"][gaps] > 0).all() and not cues["artery"][n_spot:].any()
     mr = enc.lower(torch.as_tensor(plugged), "MR")[0]
     assert mr.shape == (enc.in_dim,) and not mr[-(n_spot + n_gap):].any()
+    # the cues bypass the MLP: the embedding's last values are the cues themselves
+    emb = enc(enc.lower(torch.as_tensor(np.concatenate([artery, plugged]))))
+    assert emb.shape == (2, 64) and enc.cue_dim == n_spot + n_gap
+    at = 64 - enc.cue_dim + gaps[0]
+    assert emb[0, at] == 0 and emb[1, at] > 0
     with pytest.raises(ValueError, match="pyramid_lesions"):
         PyramidSliceEncoder(16, lesions=True)
+    with pytest.raises(ValueError, match="vision_hidden"):
+        PyramidSliceEncoder(16, detail=True, lesions=True)
+
+
+def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
+    """A cue on one slice moves its label's logit through the cue path (zero at start, so a
+    fresh head is the plain attention head); padding never counts."""
+    from models.findings import FindingHead
+
+    torch.manual_seed(0)
+    head = FindingHead(2, 8, heads=2, cue_dim=3)
+    tokens, valid = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 4] = False
+    cues = torch.zeros(2, 5, 3)
+    base = head(tokens, valid, cues).logits
+    assert torch.equal(base, head(tokens, valid).logits)
+    with torch.no_grad():
+        head.cue.weight[0, 1] = 2.0  # label 0 reads cue 1
+    cues[0, 2, 1] = 1.5  # one slice of study 0
+    cues[1, 4, 1] = 9.0  # study 1's padding
+    out = head(tokens, valid, cues).logits
+    assert torch.isclose(out[0, 0] - base[0, 0], torch.tensor(3.0))
+    assert torch.equal(out[0, 1], base[0, 1]) and torch.equal(out[1], base[1])
 
 
 @pytest.mark.parametrize("detail", [False, True])
@@ -175,7 +203,7 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
                 "stages": ["findings"]},
         "model": {"encoder": "pyramid", "pyramid_detail": detail, "pyramid_lesions": detail,
                   "image_size": 40,
-                  "vision_hidden": 32, "z_hidden": 32, "z_layers": 1,
+                  "vision_hidden": 48 if detail else 32, "z_hidden": 32, "z_layers": 1,
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": labels,
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
