@@ -22,6 +22,13 @@ class FindingOutput:
     logits: torch.Tensor  # (B, N)
     attention: torch.Tensor  # (B, N, L): mean over heads, 0 on padding
     valid: torch.Tensor  # (B, L)
+    evidence: torch.Tensor | None = None  # (B, N, L): with lesion cues, see FindingHead
+
+    @property
+    def key_weights(self) -> torch.Tensor:
+        """``(B, N, L)`` per label the weight of each slice as evidence (key slices): the
+        attention, or with lesion cues :attr:`evidence`."""
+        return self.attention if self.evidence is None else self.evidence
 
 
 class FindingHead(nn.Module):
@@ -31,7 +38,10 @@ class FindingHead(nn.Module):
     With ``cue_dim`` the head also reads ``(B, L, cue_dim)`` per-slice lesion cues (the
     pyramid encoder's, ``models/cnn.py``): their maximum over the study's slices, through one
     linear layer (zero at start), is added to the logits. A lesion on a few slices is a
-    maximum, which attention pooling over hundreds of slices learned too slowly to find."""
+    maximum, which attention pooling over hundreds of slices learned too slowly to find. The
+    key-slice weights (``evidence``) then mix the attention with each slice's own cue
+    contribution (softmax over slices), each by its share of the label's logit, so a finding
+    the cues decided points at the slice that showed the cue."""
 
     def __init__(self, num_labels: int, dim: int, heads: int = 4, cue_dim: int = 0) -> None:
         super().__init__()
@@ -66,11 +76,18 @@ class FindingHead(nn.Module):
         pooled = torch.einsum("bhnl,bhld->bnhd", att, v).reshape(B, -1, D)  # (B, N, D)
         h = self.out_norm(pooled)
         h = h + self.mlp(h)
-        logits = (h * self.weight).sum(dim=-1) + self.bias  # (B, N)
-        if self.cue is not None and cues is not None:
-            peak = cues.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (B, C)
-            logits = logits + self.cue(peak)
-        return FindingOutput(logits, att.mean(dim=1), valid)
+        read = (h * self.weight).sum(dim=-1)  # (B, N)
+        attention = att.mean(dim=1)
+        if self.cue is None or cues is None:
+            return FindingOutput(read + self.bias, attention, valid)
+        peak = cues.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (B, C)
+        cue_part = peak @ self.cue.weight.T  # (B, N)
+        per_slice = (cues @ self.cue.weight.T).transpose(1, 2)  # (B, N, L)
+        per_slice = per_slice.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+        share = (cue_part.abs() / (cue_part.abs() + read.abs()).clamp_min(1e-6))[..., None]
+        evidence = (1 - share) * attention + share * per_slice
+        return FindingOutput(read + cue_part + self.cue.bias + self.bias, attention, valid,
+                             evidence)
 
 
 def decisions(probabilities: torch.Tensor, thresholds: list[float] | None) -> torch.Tensor:

@@ -178,7 +178,7 @@ class ReportGenerator:
             probs = found.logits[0].sigmoid()
             for i, label in enumerate(self.model.config.labels):
                 present = bool(states[0, i])
-                keys = key_slices(found.attention[0, i], lengths,
+                keys = key_slices(found.key_weights[0, i], lengths,
                                   self.model.config.key_slices) if present else []
                 structured.append(Finding(label, float(probs[i]), present,
                                           [(v, s) for v, s, _ in keys]))

@@ -185,9 +185,16 @@ def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
         head.cue.weight[0, 1] = 2.0  # label 0 reads cue 1
     cues[0, 2, 1] = 1.5  # one slice of study 0
     cues[1, 4, 1] = 9.0  # study 1's padding
-    out = head(tokens, valid, cues).logits
+    found = head(tokens, valid, cues)
+    out = found.logits
     assert torch.isclose(out[0, 0] - base[0, 0], torch.tensor(3.0))
     assert torch.equal(out[0, 1], base[0, 1]) and torch.equal(out[1], base[1])
+    # key slices: label 0 of study 0 now points at the slice that showed the cue; label 1
+    # (no cue weight) keeps its attention; padding gets no weight
+    assert int(found.key_weights[0, 0].argmax()) == 2
+    assert torch.allclose(found.key_weights[0, 1], found.attention[0, 1])
+    assert float(found.key_weights[1, :, 4].abs().sum()) == 0.0
+    torch.testing.assert_close(found.key_weights.sum(-1), torch.ones(2, 2))
 
 
 @pytest.mark.parametrize("detail", [False, True])
