@@ -56,7 +56,7 @@ STAGE_SEEDS = {"pretrain": 0, "findings": 1, "mem": 2, "align": 3, "finetune": 4
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
-                 "probe_studies": 300, "min_auroc": 0.0},
+                 "probe_studies": 300, "min_auroc": 0.0, "select": "loss"},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
@@ -102,6 +102,9 @@ class RunConfig:
             if unknown:
                 raise ValueError(f"{path}: [{s}] {sorted(unknown)[0]}: unknown key")
             stage[s] = values
+        if stage["findings"]["select"] not in ("loss", "auroc"):
+            raise ValueError(f"{path}: [findings] select: {stage['findings']['select']!r} is "
+                             "not 'loss' or 'auroc'")
         try:
             MSVLMConfig.from_dict(dict(raw.get("model", {})))
         except (ValueError, TypeError) as exc:
@@ -579,8 +582,15 @@ class Trainer:
                 val = self._validate(stage)
                 curve["val_step"].append(step)
                 curve["val_loss"].append(val)
-                if val < best:
-                    best, bad = val, 0
+                score = val
+                if stage == "findings" and cfg["select"] == "auroc":
+                    auc = self._valid_auroc()
+                    curve.setdefault("val_auroc", []).append(auc)
+                    score = 1.0 - auc
+                    logger.info("findings step %d: validation BCE %.3f, macro AUROC %.3f",
+                                step + 1, val, auc)
+                if score < best:
+                    best, bad = score, 0
                     best_state = {k: v.detach().clone() for k, v in
                                   self.model.state_dict().items()}
                 else:
@@ -643,6 +653,27 @@ class Trainer:
         losses = [float(module(*make_batch(studies, rng, self.run.stage[stage]["batch"])))
                   for _ in range(2)]
         return float(np.mean(losses))
+
+    @torch.no_grad()
+    def _valid_auroc(self) -> float:
+        """The head's macro AUROC over the whole validation split (``[findings] select =
+        "auroc"``): a label learned late counts as much as one learned early, which the BCE of
+        a few validation batches does not see (the lesion-cue run of 2026-12-02 stopped at
+        step 1,000 with fibrotic sequela at AUROC 0.59; at step 1,750 it was <see README>)."""
+        studies = self.data.valid or self.data.train
+        self.model.eval()
+        tower: Any = self.model.vision_tower
+        probs = []
+        for s in studies:
+            if self._two_part():
+                views = [EncodedView(tower(f.float()), e.z_mm.to(f.device), e.modality, e.plane,
+                                     e.phase) for f, e in self.lower(s)]
+            else:
+                views = [self.model.encode_slices(v) for v in s.load()]
+            probs.append(self.model.findings([views]).logits[0].sigmoid().cpu())
+        targets = torch.stack([self.targets(s) for s in studies])
+        return head_scores(torch.stack(probs), targets, [0.5] * targets.shape[1],
+                           self.config.labels)["auroc"]
 
     # -- after the findings stage: thresholds, head metrics, probes ----------------------------------
     @torch.no_grad()

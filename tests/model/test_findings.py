@@ -214,14 +214,18 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": labels,
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
-                     "probe_studies": 24}}, tmp_path / "run.toml")
+                     "probe_studies": 24, "select": "auroc" if detail else "loss"}},
+        tmp_path / "run.toml")
     data = phantom_dataset(64, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
     trainer = Trainer(run, data)
     trainer.run_stage("findings")
     done = (tmp_path / "ckpt" / "stages" / "findings" / "done.json").read_text()
     assert '"thresholds"' in done and len(trainer.config.finding_thresholds) == 2
-    losses = trainer.curves["findings"]["loss"]
+    curve = trainer.curves["findings"]
+    losses = curve["loss"]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    if detail:  # selected by the head's AUROC over the whole validation split
+        assert len(curve["val_auroc"]) == 2 and max(curve["val_auroc"]) > 0.7
     probs, targets = trainer._head_outputs(data.valid)
     from models.probe import auroc
 

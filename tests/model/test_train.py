@@ -62,6 +62,10 @@ def test_stages_keep_their_order(tmp_path: Path) -> None:
            "model": {**MODEL, "labels": ["Cardiomegaly"]}}
     with pytest.raises(ValueError, match="must keep the order"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw = {"run": {"out": str(tmp_path), "stages": ["findings"]}, "findings": {"select": "f1"},
+           "model": {**MODEL, "labels": ["Cardiomegaly"]}}
+    with pytest.raises(ValueError, match=r"\[findings\] select: 'f1'"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
 
 
 def test_resume_follows_the_same_curve(tmp_path: Path, data: Any) -> None:
