@@ -659,7 +659,8 @@ class Trainer:
         """The head's macro AUROC over the whole validation split (``[findings] select =
         "auroc"``): a label learned late counts as much as one learned early, which the BCE of
         a few validation batches does not see (the lesion-cue run of 2026-12-02 stopped at
-        step 1,000 with fibrotic sequela at AUROC 0.59; at step 1,750 it was <see README>)."""
+        step 1,000 with fibrotic sequela at AUROC 0.59 and macro AUROC 0.910; its last state, step
+        1,750, had 0.81 and 0.939)."""
         studies = self.data.valid or self.data.train
         self.model.eval()
         tower: Any = self.model.vision_tower
