@@ -137,7 +137,7 @@ class PyramidSliceEncoder(nn.Module):
     AUROC 0.98 (studies with an arterial phase) from the gap share of the central cell alone,
     nodule 0.74 from the isolated spots (every earlier feature set: 0.57-0.71 for both). Fed
     through the MLP with the rest they were lost (it over-fitted; the head reached 0.68 / 0.65,
-    README "Tried and not shipped"), so they bypass it: the embedding's last :attr:`cue_dim`
+    README "Lesion cues"), so they bypass it: the embedding's last :attr:`cue_dim`
     values are the standardised cues themselves (``asinh``-compressed; the MLP writes the
     others), which the Z-former sees with the rest and the finding head also reads as a maximum
     over slices (:class:`models.findings.FindingHead`).
