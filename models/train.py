@@ -194,6 +194,13 @@ def _copy_mae_to_vit(mae: Any, model: MSVLM) -> None:
         raise RuntimeError(f"ViT weights missing after MAE: {missing[:5]}")
 
 
+def upper_views(model: MSVLM, lower: list[tuple[torch.Tensor, EncodedView]]
+                ) -> list[EncodedView]:
+    """A two-part tower's upper part on one study's cached lower features (``Trainer.lower``)."""
+    return [EncodedView(model.vision_tower(f.float()), e.z_mm.to(f.device), e.modality, e.plane,
+                        e.phase) for f, e in lower]
+
+
 def encode_sampled(model: MSVLM, studies: list[list[Any]], grad_slices: int,
                    seed: int) -> list[list[EncodedView]]:
     """Slice embeddings of ``studies`` (lists of views) where only a sample of each view's slices
@@ -485,9 +492,7 @@ class Trainer:
             def findings_loss(model: MSVLM, studies: list[list[Any]], targets: torch.Tensor,
                               seed: int) -> torch.Tensor:
                 if two_part:  # cached lower features: every slice trains the upper part
-                    encoded = [[EncodedView(model.vision_tower(f.float()), e.z_mm.to(f.device),
-                                            e.modality, e.plane, e.phase) for f, e in views]
-                               for views in studies]
+                    encoded = [upper_views(model, views) for views in studies]
                 else:
                     encoded = encode_sampled(model, studies, grad_slices, seed)
                 out = model.findings(encoded)
@@ -663,12 +668,10 @@ class Trainer:
         1,750, had 0.81 and 0.939)."""
         studies = self.data.valid or self.data.train
         self.model.eval()
-        tower: Any = self.model.vision_tower
         probs = []
         for s in studies:
             if self._two_part():
-                views = [EncodedView(tower(f.float()), e.z_mm.to(f.device), e.modality, e.plane,
-                                     e.phase) for f, e in self.lower(s)]
+                views = upper_views(self.model, self.lower(s))
             else:
                 views = [self.model.encode_slices(v) for v in s.load()]
             probs.append(self.model.findings([views]).logits[0].sigmoid().cpu())
