@@ -9,7 +9,9 @@ feature map every slice carries its spatial maximum, over the whole slice and ov
 from __future__ import annotations
 
 import functools
+import zlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,6 +104,89 @@ ISOLATED_SPOTS = ((1.5, 4), (2.0, 5))
 GAP_DISTANCES = (2, 3)
 
 
+# ``nodules``: compact solid components inside the lung field, found in 3D. Solid: between these
+# HU (soft tissue and ground glass, not enhanced blood, so an enhanced vessel is never one); a
+# component counts when its largest extent is at most NODULE_MAX_MM, its smallest in-plane
+# extent at least NODULE_MIN_MM, its longest extent at most NODULE_ASPECT times its shortest
+# (a vessel is long), it fills at least NODULE_FILL of its bounding ellipsoid and aerated lung
+# makes at least NODULE_LUNG_SHARE of the voxels around it. Chosen on 150 phantoms of seed 73
+# (never a training, validation or held-out seed): per study the largest such component gave
+# nodule AUROC 0.85 (small nodules alone 0.83), the per-slice isolated spots 0.74.
+NODULE_HU = (-300.0, 150.0)
+NODULE_MIN_MM, NODULE_MAX_MM = 4.0, 24.0
+NODULE_ASPECT, NODULE_FILL, NODULE_LUNG_SHARE = 2.0, 0.3, 0.5
+NODULE_NONE, NODULE_LUNG, NODULE_SOLID = 0, 1, 2  # slice codes (slice_codes)
+
+
+def slice_codes(hu: np.ndarray) -> np.ndarray:
+    """Per pixel of ``(S, H, W)`` HU slices, each on its own: :data:`NODULE_LUNG` (aerated
+    lung), :data:`NODULE_SOLID` (solid tissue inside the lung field, after an in-plane
+    opening that removes one-pixel vessels and splits what touches through them) or
+    :data:`NODULE_NONE` (uint8)."""
+    from scipy import ndimage
+
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = ndimage.generate_binary_structure(2, 1)  # in-plane only: slices stay apart
+    lung = hu < -500
+    solid = (hu > NODULE_HU[0]) & (hu < NODULE_HU[1])
+    solid &= ndimage.binary_fill_holes(lung, plane)  # what the lung surrounds
+    solid = ndimage.binary_opening(solid, plane)
+    codes = np.where(lung, NODULE_LUNG, NODULE_NONE).astype(np.uint8)
+    codes[solid] = NODULE_SOLID
+    return codes
+
+
+def pack_codes(codes: np.ndarray) -> bytes:
+    """One slice's codes ``(H, W)`` as bytes (:func:`unpack_codes` reads them back)."""
+    h, w = codes.shape
+    return h.to_bytes(2, "little") + w.to_bytes(2, "little") + zlib.compress(
+        np.ascontiguousarray(codes, dtype=np.uint8).tobytes(), 1)
+
+
+def unpack_codes(data: bytes) -> np.ndarray:
+    h, w = int.from_bytes(data[:2], "little"), int.from_bytes(data[2:4], "little")
+    return np.frombuffer(zlib.decompress(data[4:]), dtype=np.uint8).reshape(h, w)
+
+
+def nodule_cues(codes: np.ndarray, spacing_mm: tuple[float, float, float],
+                grid: int) -> np.ndarray:
+    """``(S, grid*grid)`` float32 from one view's stacked :func:`slice_codes` and its voxel
+    size ``(dz, dy, dx)`` in mm: per slice and cell, the largest equivalent diameter (cm) of
+    the compact solid components (see :data:`NODULE_HU`) that the slice cuts and whose
+    centre lies in the cell; 0 where none."""
+    from scipy import ndimage
+
+    S, H, W = codes.shape
+    dz, dy, dx = (abs(float(v)) for v in spacing_mm)
+    out = np.zeros((S, grid * grid), dtype=np.float32)
+    labels, n = ndimage.label(codes == NODULE_SOLID, ndimage.generate_binary_structure(3, 3))
+    if n == 0:
+        return out
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        ez, ey, ex = ((b.stop - b.start) * d for b, d in zip(box, (dz, dy, dx)))
+        if max(ez, ey, ex) > NODULE_MAX_MM or min(ey, ex) < NODULE_MIN_MM:
+            continue
+        if max(ez, ey, ex) > NODULE_ASPECT * max(min(ez, ey, ex), dz, 5.0):
+            continue
+        volume = float(sizes[k]) * dz * dy * dx
+        if volume < NODULE_FILL * np.pi / 6 * max(ez, NODULE_MIN_MM) * ey * ex:
+            continue
+        grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, m))
+                      for b, m in zip(box, (S, H, W)))
+        around = labels[grown] != k
+        if (codes[grown][around] == NODULE_LUNG).mean() < NODULE_LUNG_SHARE:
+            continue
+        row = min(int((box[1].start + box[1].stop) / 2 * grid // H), grid - 1)
+        col = min(int((box[2].start + box[2].stop) / 2 * grid // W), grid - 1)
+        cell = row * grid + col
+        diameter_cm = (6 * volume / np.pi) ** (1 / 3) / 10
+        out[box[0], cell] = np.maximum(out[box[0], cell], diameter_cm)
+    return out
+
+
 def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``(S, 1, H, W)`` with edge replication."""
     H, W = x.shape[-2:]
@@ -142,6 +227,15 @@ class PyramidSliceEncoder(nn.Module):
     others), which the Z-former sees with the rest and the finding head also reads as a maximum
     over slices (:class:`models.findings.FindingHead`).
 
+    ``nodules`` (needs ``lesions``) adds per cell one more cue that a single slice cannot give:
+    the size of a compact solid component inside the lung field, found in 3D over the whole
+    view (:func:`nodule_cues`), on every slice it cuts. A vessel cut across is as round and as
+    large as a 6 mm nodule on one slice; in 3D it is long. The per-slice part
+    (:meth:`codes`, one byte per pixel) is what streaming keeps with each slice's embedding;
+    the view fills the cue in (:meth:`lower_view`, :meth:`volume_embedding`). Probe (150
+    phantoms of a seed used for nothing else, per study the largest component): nodule AUROC
+    0.85, the isolated spots 0.74.
+
     ``dropout``: on the MLP's hidden layer while training (the findings stage over-fitted
     1,200 studies within ~1,250 steps without it).
     """
@@ -151,11 +245,14 @@ class PyramidSliceEncoder(nn.Module):
 
     def __init__(self, embed_dim: int, grid: int = 3, hidden: int = 256,
                  detail: bool = False, matrix: int = 128, lesions: bool = False,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, nodules: bool = False) -> None:
         super().__init__()
         if lesions and not detail:
             raise ValueError("Invalid 'pyramid_lesions' - needs 'pyramid_detail'")
+        if nodules and not lesions:
+            raise ValueError("Invalid 'pyramid_nodules' - needs 'pyramid_lesions'")
         self.lesions = lesions
+        self.nodules = nodules
         self.grid = grid
         self.scales = (1, 2, 4)
         self.detail = detail
@@ -168,7 +265,8 @@ class PyramidSliceEncoder(nn.Module):
             self.in_dim += len(BLOB_SIGMAS) * grid * grid * (len(MATERIAL_EDGES) + 1) * (
                 len(BLOB_EDGES))
             if lesions:
-                self.cue_dim = (len(ISOLATED_SPOTS) + len(GAP_DISTANCES)) * grid * grid
+                self.cue_dim = (len(ISOLATED_SPOTS) + len(GAP_DISTANCES)
+                                + int(nodules)) * grid * grid
                 self.in_dim += self.cue_dim
                 if embed_dim <= self.cue_dim:
                     raise ValueError(f"Invalid 'vision_hidden' {embed_dim} - must exceed the "
@@ -227,7 +325,56 @@ class PyramidSliceEncoder(nn.Module):
         if self.lesions:
             n = (len(ISOLATED_SPOTS) + len(GAP_DISTANCES)) * self.grid * self.grid
             out.append(self._lesions(x) if modality == "CT" else x.new_zeros(S, n))
+        if self.nodules:  # filled in by the view (lower_view), zero on a slice alone
+            out.append(x.new_zeros(S, self.grid * self.grid))
         return torch.cat(out, dim=1)  # (S, in_dim)
+
+    def _resampled(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.float()
+        if x.shape[-2:] != (self.matrix, self.matrix):
+            x = nn.functional.interpolate(x[:, None], size=(self.matrix, self.matrix),
+                                          mode="bilinear", antialias=True,
+                                          align_corners=False)[:, 0]
+        return x
+
+    @torch.no_grad()
+    def codes(self, values: torch.Tensor, modality: str = "CT") -> np.ndarray:
+        """Per-slice :func:`slice_codes` ``(S, matrix, matrix)`` (all "none" for MR)."""
+        if modality != "CT":
+            return np.zeros((values.shape[0], self.matrix, self.matrix), dtype=np.uint8)
+        return slice_codes(self._resampled(values).cpu().numpy())
+
+    def grid_spacing(self, shape: tuple[int, int], pixel_mm: tuple[float, float],
+                     z_mm: np.ndarray) -> tuple[float, float, float]:
+        """Voxel size ``(dz, dy, dx)`` in mm of a view resampled to the fixed matrix."""
+        z = np.asarray(z_mm, dtype=np.float64)
+        dy = float(pixel_mm[0]) * shape[0] / self.matrix
+        dx = float(pixel_mm[1]) * shape[1] / self.matrix
+        dz = float(np.median(np.abs(np.diff(z)))) if len(z) > 1 else dy
+        return (dz if dz > 0 else dy), dy, dx
+
+    @torch.no_grad()
+    def lower_view(self, pixels: np.ndarray, modality: str, z_mm: np.ndarray,
+                   pixel_mm: tuple[float, float], chunk: int = 64) -> torch.Tensor:
+        """:meth:`lower` of a whole view ``(S, H, W)``, ``chunk`` slices at a time, with the
+        view's nodule cues filled in (``nodules``)."""
+        feats = torch.cat([self.lower(torch.as_tensor(pixels[i:i + chunk]), modality)
+                           for i in range(0, len(pixels), chunk)])
+        if self.nodules:
+            codes = np.concatenate([self.codes(torch.as_tensor(pixels[i:i + chunk]), modality)
+                                    for i in range(0, len(pixels), chunk)])
+            spacing = self.grid_spacing(pixels.shape[-2:], pixel_mm, z_mm)
+            n = self.grid * self.grid
+            feats[:, -n:] = torch.from_numpy(nodule_cues(codes, spacing, self.grid))
+        return feats
+
+    def volume_embedding(self, cues: torch.Tensor) -> torch.Tensor:
+        """The embedding's last ``grid*grid`` values for ``(S, grid*grid)`` nodule cues (what
+        :meth:`forward` makes of them), so a view whose slices were embedded one by one gets
+        them once it is whole."""
+        n = self.grid * self.grid
+        z = (cues.float().clamp_min(0).sqrt() - self.feature_mean[-n:]) / self.feature_std[-n:]
+        return torch.asinh(z)
 
     def _cell_reduce(self, x: torch.Tensor, reduce: str) -> torch.Tensor:
         """``(S, H, W)`` -> ``(S, cells)``: per cell the maximum or the mean."""

@@ -23,6 +23,7 @@ class FindingOutput:
     attention: torch.Tensor  # (B, N, L): mean over heads, 0 on padding
     valid: torch.Tensor  # (B, L)
     evidence: torch.Tensor | None = None  # (B, N, L): with lesion cues, see FindingHead
+    cue_logits: torch.Tensor | None = None  # (B, N): the cue path alone (its own loss)
 
     @property
     def key_weights(self) -> torch.Tensor:
@@ -41,7 +42,10 @@ class FindingHead(nn.Module):
     maximum, which attention pooling over hundreds of slices learned too slowly to find. The
     key-slice weights (``evidence``) then mix the attention with each slice's own cue
     contribution (softmax over slices), each by its share of the label's logit, so a finding
-    the cues decided points at the slice that showed the cue."""
+    the cues decided points at the slice that showed the cue. ``cue_logits`` (the cue path
+    alone) take a loss of their own in training (``[findings] cue_loss``): without it the
+    attention path fitted the training labels first and the cue path stopped learning
+    (embolism: validation AUROC 0.81 from the head, 0.98 from one cue alone)."""
 
     def __init__(self, num_labels: int, dim: int, heads: int = 4, cue_dim: int = 0) -> None:
         super().__init__()
@@ -87,7 +91,7 @@ class FindingHead(nn.Module):
         share = (cue_part.abs() / (cue_part.abs() + read.abs()).clamp_min(1e-6))[..., None]
         evidence = (1 - share) * attention + share * per_slice
         return FindingOutput(read + cue_part + self.cue.bias + self.bias, attention, valid,
-                             evidence)
+                             evidence, cue_part + self.cue.bias)
 
 
 def decisions(probabilities: torch.Tensor, thresholds: list[float] | None) -> torch.Tensor:

@@ -152,9 +152,53 @@ class ReportGenerator:
 
     def encode_images(self, pixels: np.ndarray, modality: str) -> np.ndarray:
         """Embeddings ``(S, Dv)`` float32 of slices ``(S, H, W)`` (HU for CT), each on its own
-        (needs :attr:`streamable`): what :meth:`encode_slices` computes for them in a view."""
+        (needs :attr:`streamable`): what :meth:`encode_slices` computes for them in a view,
+        except the cues that need the whole view (:attr:`volume_cues`)."""
         view = View(pixels, np.arange(len(pixels), dtype=np.float64), (1.0, 1.0), modality)
+        tower: Any = self.model.vision_tower
+        if self.volume_cues:  # a view of stacked slices would find 3D structure across them
+            with torch.inference_mode():
+                feats = torch.cat([tower.lower(torch.as_tensor(pixels[i:i + 64]), modality)
+                                   for i in range(0, len(pixels), 64)])
+                return tower(feats.to(self.model.device)).float().cpu().numpy()
         return self.model.encode_slices(view).embeddings.float().cpu().numpy()
+
+    @property
+    def volume_cues(self) -> bool:
+        """Whether part of each slice's embedding comes from the whole view (the pyramid
+        encoder's 3D nodule cues): streaming then keeps per-slice codes with the embedding
+        (:meth:`stream_records`) and :meth:`streamed_embeddings` fills the cues in."""
+        return bool(getattr(self.model.vision_tower, "nodules", False))
+
+    def stream_records(self, pixels: np.ndarray, modality: str) -> list[bytes]:
+        """What streaming keeps per slice of ``(S, H, W)``: the embedding (float32 bytes), and
+        with :attr:`volume_cues` the slice's codes after it."""
+        embeddings = self.encode_images(pixels, modality).astype("<f4")
+        if not self.volume_cues:
+            return [e.tobytes() for e in embeddings]
+        from models.cnn import pack_codes
+
+        codes = self.model.vision_tower.codes(torch.as_tensor(pixels), modality)
+        return [e.tobytes() + pack_codes(c) for e, c in zip(embeddings, codes)]
+
+    def streamed_embeddings(self, records: Sequence[bytes], z_mm: np.ndarray,
+                            pixel_mm: tuple[float, float],
+                            shape: tuple[int, int]) -> torch.Tensor:
+        """``(S, Dv)`` embeddings of a view from its slices' :meth:`stream_records` (in slice
+        order), the whole-view cues filled in: what :meth:`encode_slices` gives."""
+        dim = self.model.config.vision_hidden
+        emb = torch.from_numpy(np.stack([np.frombuffer(r[:4 * dim], dtype="<f4")
+                                         for r in records]).astype(np.float32))
+        if self.volume_cues:
+            from models.cnn import nodule_cues, unpack_codes
+
+            tower: Any = self.model.vision_tower
+            codes = np.stack([unpack_codes(r[4 * dim:]) for r in records])
+            cues = nodule_cues(codes, tower.grid_spacing(shape, pixel_mm, z_mm), tower.grid)
+            n = tower.grid * tower.grid
+            with torch.inference_mode():
+                emb[:, -n:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()
+        return emb
 
     def report(self, encoded: Sequence[EncodedView], max_new_tokens: int | None = None,
                timings: dict[str, float] | None = None) -> Report:

@@ -37,6 +37,7 @@ class MSVLMConfig:
     pyramid_detail: bool = False  # calcium bins and spot responses (models/cnn.py)
     pyramid_lesions: bool = False  # isolated spots in lung, gaps in contrast (needs detail)
     pyramid_dropout: float = 0.0  # on the pyramid MLP's hidden layer, while training
+    pyramid_nodules: bool = False  # compact solid components in lung, in 3D (needs lesions)
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -341,7 +342,8 @@ class MSVLM(nn.Module):
                                         detail=config.pyramid_detail,
                                         lesions=config.pyramid_lesions,
                                         matrix=config.image_size,
-                                        dropout=config.pyramid_dropout)
+                                        dropout=config.pyramid_dropout,
+                                        nodules=config.pyramid_nodules)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder
 
@@ -406,11 +408,12 @@ class MSVLM(nn.Module):
                 chunks.append(self.vision_tower(x))  # (slabs, Dv)
                 z = self.vision_tower.slab_positions(z)
             elif raw:  # the tower's fixed lower part reads the values (HU) itself
+                feats = self.vision_tower.lower_view(view.pixels, view.modality, view.z_mm,
+                                                     view.pixel_spacing_mm,
+                                                     self.config.slice_batch).to(self.device)
                 for start in range(0, view.num_slices, self.config.slice_batch):
-                    values = torch.as_tensor(view.pixels[start:start + self.config.slice_batch],
-                                             device=self.device)
-                    chunks.append(self.vision_tower(self.vision_tower.lower(values,
-                                                                            view.modality)))
+                    chunks.append(self.vision_tower(
+                        feats[start:start + self.config.slice_batch]))
             else:
                 for start in range(0, view.num_slices, self.config.slice_batch):
                     x = preprocess(view.pixels[start:start + self.config.slice_batch],

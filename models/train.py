@@ -56,7 +56,7 @@ STAGE_SEEDS = {"pretrain": 0, "findings": 1, "mem": 2, "align": 3, "finetune": 4
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
-                 "probe_studies": 300, "min_auroc": 0.0, "select": "loss"},
+                 "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
@@ -102,6 +102,8 @@ class RunConfig:
             if unknown:
                 raise ValueError(f"{path}: [{s}] {sorted(unknown)[0]}: unknown key")
             stage[s] = values
+        if float(stage["findings"]["cue_loss"]) < 0:
+            raise ValueError(f"{path}: [findings] cue_loss: must be >= 0")
         if stage["findings"]["select"] not in ("loss", "auroc"):
             raise ValueError(f"{path}: [findings] select: {stage['findings']['select']!r} is "
                              "not 'loss' or 'auroc'")
@@ -442,8 +444,7 @@ class Trainer:
             tower: Any = self.model.vision_tower
             rows = []
             for v in study.load():
-                feats = torch.cat([tower.lower(torch.as_tensor(v.pixels[i:i + 64]), v.modality)
-                                   for i in range(0, v.num_slices, 64)])
+                feats = tower.lower_view(v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm)
                 rows.append((feats.half(), EncodedView(torch.empty(0), torch.as_tensor(
                     v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase)))
             self._lower[study.study_id] = rows
@@ -486,7 +487,7 @@ class Trainer:
         if stage == "findings":
             grad_slices = int(self.run.stage["findings"]["grad_slices"])
             pos_weight = self._pos_weight
-
+            cue_loss = float(self.run.stage["findings"]["cue_loss"])
             two_part = self._two_part()
 
             def findings_loss(model: MSVLM, studies: list[list[Any]], targets: torch.Tensor,
@@ -496,8 +497,12 @@ class Trainer:
                 else:
                     encoded = encode_sampled(model, studies, grad_slices, seed)
                 out = model.findings(encoded)
-                return nn.functional.binary_cross_entropy_with_logits(
+                loss = nn.functional.binary_cross_entropy_with_logits(
                     out.logits, targets, pos_weight=pos_weight)
+                if cue_loss and out.cue_logits is not None:  # the cue path on its own too
+                    loss = loss + cue_loss * nn.functional.binary_cross_entropy_with_logits(
+                        out.cue_logits, targets, pos_weight=pos_weight)
+                return loss
             return findings_loss
         if stage == "mem":
             def mem_loss(model: MSVLM, studies: list[list[EncodedView]], seed: int) -> Any:

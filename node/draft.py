@@ -212,7 +212,7 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
     known = known if known is not None else HeaderCache(len(files))
     start = time.perf_counter()
     missing = [p for p in files if p not in hits]
-    fresh: dict[Path, np.ndarray] = {}
+    fresh: dict[Path, bytes] = {}
     modality = None
     for chunk in range(0, len(missing), 32):  # at most 32 slices of pixels in memory
         part = missing[chunk:chunk + 32]
@@ -225,7 +225,7 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
             raise VolumeError("slices of different sizes")
         timings["load_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        fresh.update(zip(part, generator.encode_images(np.stack(pixels), modality)))
+        fresh.update(zip(part, generator.stream_records(np.stack(pixels), modality)))
         timings["encode_s"] += time.perf_counter() - start
         start = time.perf_counter()
     try:
@@ -235,10 +235,14 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
             return None
         raise
     first = view_headers[0]
-    rows = [fresh[p] if p in fresh else np.frombuffer(hits[p], dtype="<f4") for p in ordered]
+    records = [fresh[p] if p in fresh else hits[p] for p in ordered]
     timings["load_s"] += time.perf_counter() - start
-    view = EncodedView(torch.from_numpy(np.stack(rows).astype(np.float32)),
-                       torch.as_tensor(z, dtype=torch.float32), str(first.Modality),
+    start = time.perf_counter()
+    spacing = [float(v) for v in first.PixelSpacing]
+    embeddings = generator.streamed_embeddings(records, np.asarray(z), (spacing[0], spacing[1]),
+                                               (int(first.Rows), int(first.Columns)))
+    timings["encode_s"] += time.perf_counter() - start
+    view = EncodedView(embeddings, torch.as_tensor(z, dtype=torch.float32), str(first.Modality),
                        classify.plane(first).value, classify.phase(first),
                        str(first.SeriesInstanceUID))
     return [(view, view_headers)]

@@ -175,8 +175,8 @@ class Worker:
             for instance_id, pixels in items:
                 shapes[pixels.shape].append((instance_id, pixels))
             for group in shapes.values():
-                embeddings = generator.encode_images(np.stack([p for _, p in group]), modality)
-                done.update((i, e.astype("<f4").tobytes()) for (i, _), e in zip(group, embeddings))
+                records = generator.stream_records(np.stack([p for _, p in group]), modality)
+                done.update((i, r) for (i, _), r in zip(group, records))
         self.index.put_embeddings(key, done)
         metrics.streamed(len(done))
         if done:

@@ -169,6 +169,57 @@ def test_lesion_cues_tell_a_nodule_from_a_vessel_and_find_a_filling_defect() -> 
         PyramidSliceEncoder(16, detail=True, lesions=True)
 
 
+def _lung_volume() -> tuple[np.ndarray, np.ndarray]:
+    """40 slices of aerated lung, 2.5 mm apart, 2.5 mm pixels (128 matrix): an 8 mm nodule
+    in the middle cell, and a vessel as thick running along z through every slice in the left
+    middle cell (on any one slice the two look alike)."""
+    vol = np.full((40, 128, 128), -860.0, dtype=np.float32)
+    z, y, x = np.mgrid[:40, :128, :128] * 2.5
+    vol[(z - 50) ** 2 + (y - 160) ** 2 + (x - 160) ** 2 <= 4.0 ** 2] = 35.0
+    vol[(y - 160) ** 2 + (x - 75) ** 2 <= 4.0 ** 2] = 35.0
+    return vol, np.arange(40) * 2.5
+
+
+def test_nodule_cue_follows_a_spot_through_slices() -> None:
+    """``nodules``: the nodule's cell carries its size (about 0.8 cm) on the slices that cut
+    it and nowhere else; the vessel, round on every slice, gives nothing; MR gives zeros; and
+    the cue reaches the embedding's last values."""
+    from models.cnn import PyramidSliceEncoder
+
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True, nodules=True)
+    vol, z = _lung_volume()
+    feats = enc.lower_view(vol, "CT", z, (2.5, 2.5))
+    cue = feats[:, -9:]  # the last grid*grid lower features
+    on = cue[:, 4] > 0
+    assert 0.6 < float(cue[:, 4].max()) < 1.0
+    assert on[19:22].all() and not on[:17].any() and not on[24:].any()
+    assert not cue[:, [0, 1, 2, 3, 5, 6, 7, 8]].any()
+    # alone, a slice knows nothing of its neighbours: lower() leaves the cue at zero
+    assert not enc.lower(torch.as_tensor(vol[20:21]))[0, -9:].any()
+    assert not enc.lower_view(vol, "MR", z, (2.5, 2.5))[:, -9:].any()
+    emb = enc(feats)
+    assert enc.cue_dim == 45 and emb[20, -5] > emb[0, -5]
+    with pytest.raises(ValueError, match="pyramid_nodules"):
+        PyramidSliceEncoder(64, detail=True, nodules=True)
+
+
+def test_streamed_slices_get_the_whole_view_nodule_cue(tokenizer: Any) -> None:
+    """Slices encoded one by one as they arrive (the stream keeps each slice's embedding and
+    its codes) give, once the view is whole, the embeddings the whole view gives."""
+    from models.view import View
+
+    model = build_tiny(tokenizer, encoder="pyramid", pyramid_detail=True, pyramid_lesions=True,
+                       pyramid_nodules=True, image_size=128, vision_hidden=64, z_hidden=32,
+                       labels=LABELS)
+    generator = ReportGenerator(model, tokenizer, {}, "test")
+    vol, z = _lung_volume()
+    whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT")).embeddings
+    records = [r for i in range(0, 40, 7) for r in generator.stream_records(vol[i:i + 7], "CT")]
+    streamed = generator.streamed_embeddings(records, z, (2.5, 2.5), (128, 128))
+    torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-4)
+    assert whole[20, -5] != whole[0, -5]  # the nodule's cell, cut by slice 20 only
+
+
 def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
     """A cue on one slice moves its label's logit through the cue path (zero at start, so a
     fresh head is the plain attention head); padding never counts."""
@@ -209,12 +260,13 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
         "run": {"out": str(tmp_path / "ckpt"), "device": "cpu", "seed": 3,
                 "stages": ["findings"]},
         "model": {"encoder": "pyramid", "pyramid_detail": detail, "pyramid_lesions": detail,
-                  "image_size": 40,
+                  "pyramid_nodules": detail, "image_size": 40,
                   "vision_hidden": 48 if detail else 32, "z_hidden": 32, "z_layers": 1,
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": labels,
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
-                     "probe_studies": 24, "select": "auroc" if detail else "loss"}},
+                     "probe_studies": 24, "select": "auroc" if detail else "loss",
+                     "cue_loss": 1.0 if detail else 0.0}},
         tmp_path / "run.toml")
     data = phantom_dataset(64, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
     trainer = Trainer(run, data)

@@ -66,6 +66,9 @@ def test_stages_keep_their_order(tmp_path: Path) -> None:
            "model": {**MODEL, "labels": ["Cardiomegaly"]}}
     with pytest.raises(ValueError, match=r"\[findings\] select: 'f1'"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["findings"] = {"cue_loss": -1}
+    with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_loss"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
 
 
 def test_resume_follows_the_same_curve(tmp_path: Path, data: Any) -> None:
