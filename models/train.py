@@ -310,13 +310,20 @@ class Trainer:
         self._encoder_hash = None
 
     def encoded(self, study: StudyItem) -> list[EncodedView]:
-        """Slice embeddings of a study from the frozen vision tower, cached on disk."""
+        """Slice embeddings of a study from the frozen vision tower, cached on disk (a two-part
+        tower's upper part on the lower features the findings stage kept in memory, in
+        float16 as it trained on them, so no study is generated or read again)."""
         if study.study_id in self._cache:
             return self._cache[study.study_id]
         folder = self._cache_dir()
         path = folder / f"{hashlib.sha256(study.study_id.encode()).hexdigest()[:24]}.pt"
         if path.exists():
             rows = torch.load(path, map_location=self.device, weights_only=False)
+        elif study.study_id in self._lower:  # the findings stage's lower features: no reload
+            self.model.eval()
+            with torch.no_grad():
+                rows = [(self.model.vision_tower(f.float()), e.z_mm, e.modality, e.plane,
+                         e.phase) for f, e in self.lower(study)]
         else:
             self.model.eval()
             rows = [(e.embeddings, e.z_mm, e.modality, e.plane, e.phase)

@@ -288,6 +288,13 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
     assert trainer.probe["verdict"] in ("learned", "FAILED")
     assert set(trainer.head_valid["per_label"]) == set(labels)  # for the model card
     tower = trainer.model.vision_tower
+    # later stages' embeddings come from the lower features kept in memory: what inference
+    # computes from the study's pixels (up to the float16 they are kept in)
+    study = data.valid[0]
+    kept = trainer.encoded(study)
+    fresh = [trainer.model.encode_slices(v) for v in study.load()]
+    for a, b in zip(kept, fresh):
+        torch.testing.assert_close(a.embeddings, b.embeddings, atol=0.05, rtol=0.02)
     if detail:  # fitted, not the identity it starts as, and part of the saved state
         assert float(tower.feature_std.min()) >= 0.0099 and float(tower.feature_mean.abs().max()) > 0
         assert "vision_tower.feature_mean" in trainer.model.state_dict()
