@@ -154,13 +154,13 @@ class ReportGenerator:
         """Embeddings ``(S, Dv)`` float32 of slices ``(S, H, W)`` (HU for CT), each on its own
         (needs :attr:`streamable`): what :meth:`encode_slices` computes for them in a view,
         except the cues that need the whole view (:attr:`volume_cues`)."""
-        view = View(pixels, np.arange(len(pixels), dtype=np.float64), (1.0, 1.0), modality)
         tower: Any = self.model.vision_tower
         if self.volume_cues:  # a view of stacked slices would find 3D structure across them
             with torch.inference_mode():
                 feats = torch.cat([tower.lower(torch.as_tensor(pixels[i:i + 64]), modality)
                                    for i in range(0, len(pixels), 64)])
                 return tower(feats.to(self.model.device)).float().cpu().numpy()
+        view = View(pixels, np.arange(len(pixels), dtype=np.float64), (1.0, 1.0), modality)
         return self.model.encode_slices(view).embeddings.float().cpu().numpy()
 
     @property
