@@ -24,6 +24,7 @@ class FindingOutput:
     valid: torch.Tensor  # (B, L)
     evidence: torch.Tensor | None = None  # (B, N, L): with lesion cues, see FindingHead
     cue_logits: torch.Tensor | None = None  # (B, N): the cue path alone (its own loss)
+    where: torch.Tensor | None = None  # (B, N, C+1): MSVLM.read with finding_evidence
 
     @property
     def key_weights(self) -> torch.Tensor:

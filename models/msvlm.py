@@ -73,6 +73,10 @@ class MSVLMConfig:
     # the language model reads the head's decisions as label tokens (PromptMRG-style); False is
     # the paper's "report only" path
     condition_on_findings: bool = True
+    # a present label's token also carries where the head found it: the key-slice-weighted mean
+    # of the slices' lesion cues (cell, size) and of their relative position along the view
+    # (level), so the text can say which lung and lobe and how large (zero at start)
+    finding_evidence: bool = False
     # language model (a Llama built from lm_config, or any causal LM loaded from lm_path)
     lm_path: str | None = None
     lm_config: dict[str, Any] = field(default_factory=lambda: {
@@ -365,6 +369,7 @@ class MSVLM(nn.Module):
         self.last_states: torch.Tensor | None = None
         self.finding_head: FindingHead | None = None
         self.label_tokens: nn.Embedding | None = None
+        self.evidence: nn.Linear | None = None
         if config.labels:
             if config.finding_thresholds and len(config.finding_thresholds) != len(config.labels):
                 raise ValueError("Invalid 'finding_thresholds' - one per label")
@@ -373,6 +378,10 @@ class MSVLM(nn.Module):
             if config.condition_on_findings:  # (label, absent/present) -> one LM token each
                 self.label_tokens = nn.Embedding(2 * len(config.labels), lm_width)
                 nn.init.normal_(self.label_tokens.weight, std=0.02)
+                if config.finding_evidence:
+                    self.evidence = nn.Linear(self.cue_dim + 1, lm_width)
+                    nn.init.zeros_(self.evidence.weight)
+                    nn.init.zeros_(self.evidence.bias)
         if config.freeze_vision:
             self.vision_tower.requires_grad_(False)
 
@@ -458,7 +467,27 @@ class MSVLM(nn.Module):
         key_valid = torch.cat([valid.new_ones(valid.shape[0], G), valid], dim=1)
         visual = self.multi_modal_projector(self.resampler(seq, key_valid))
         findings = self._head(seq, emb, valid) if self.finding_head is not None else None
+        if findings is not None and self.evidence is not None:
+            findings.where = self._where(studies, emb, findings)
         return visual, findings
+
+    def _where(self, studies: Sequence[Sequence[EncodedView]], emb: torch.Tensor,
+               findings: FindingOutput) -> torch.Tensor:
+        """``(B, N, cue_dim + 1)``: per label the key-slice weights' mean of each slice's lesion
+        cues and its position along its view (0 first slice, 1 last)."""
+        L = emb.shape[1]
+        rows = []
+        for views in studies:
+            parts = []
+            for v in views:
+                z = v.z_mm.float() - v.z_mm.float().min()
+                parts.append(z / z.max().clamp_min(1e-6))
+            row = torch.cat(parts)
+            rows.append(F.pad(row, (0, L - row.shape[0])))
+        level = torch.stack(rows).to(emb.dtype)[..., None]  # (B, L, 1)
+        cues = emb[..., emb.shape[-1] - self.cue_dim:]  # (B, L, C), C may be 0
+        return torch.einsum("bnl,blc->bnc", findings.key_weights.to(emb.dtype),
+                            torch.cat([cues, level], dim=-1))
 
     def visual_tokens(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
                                                                                 torch.Tensor]:
@@ -484,16 +513,23 @@ class MSVLM(nn.Module):
         """``(B, N)`` 0/1 decisions with the thresholds stored in the checkpoint."""
         return decisions(findings.logits.sigmoid(), self.config.finding_thresholds)
 
-    def prefix(self, visual: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
+    def prefix(self, visual: torch.Tensor, states: torch.Tensor | None,
+               where: torch.Tensor | None = None) -> torch.Tensor:
         """What the LM reads before BOS: the visual tokens, then (when the model is conditioned
-        on its findings) one token per label saying present or absent, ``(B, Q[+N], D_lm)``."""
+        on its findings) one token per label saying present or absent, ``(B, Q[+N], D_lm)``;
+        with ``finding_evidence`` a present label's token also carries ``where``
+        (:meth:`read`)."""
         if self.label_tokens is None:
             return visual
         if states is None:
             raise ValueError("Invalid call - a findings-conditioned model needs label states")
         n = states.shape[1]
         ids = 2 * torch.arange(n, device=states.device) + states.long()  # (B, N)
-        return torch.cat([visual, self.label_tokens(ids).to(visual.dtype)], dim=1)
+        tokens = self.label_tokens(ids).to(visual.dtype)
+        if self.evidence is not None and where is not None:
+            tokens = tokens + states[..., None].to(visual.dtype) * self.evidence(
+                where.to(visual.dtype))
+        return torch.cat([visual, tokens], dim=1)
 
     def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, label_states: torch.Tensor | None = None
@@ -504,7 +540,8 @@ class MSVLM(nn.Module):
         visual, findings = self.read(studies)
         if label_states is None and self.label_tokens is not None and findings is not None:
             label_states = self.decide(findings)
-        prefix = self.prefix(visual, label_states)  # (B, P, D)
+        prefix = self.prefix(visual, label_states,
+                             findings.where if findings is not None else None)  # (B, P, D)
         tokens = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+T, D)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
@@ -525,7 +562,8 @@ class MSVLM(nn.Module):
         if label_states is None and findings is not None:
             label_states = self.decide(findings)
         self.last_findings, self.last_states = findings, label_states
-        prefix = self.prefix(visual, label_states)
+        prefix = self.prefix(visual, label_states,
+                             findings.where if findings is not None else None)
         bos = torch.full((visual.shape[0], 1), self.special_ids["bos"], device=self.device)
         embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(bos)], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)

@@ -408,6 +408,8 @@ class Trainer:
         m.multi_modal_projector.requires_grad_(True)
         if m.label_tokens is not None:
             m.label_tokens.requires_grad_(True)
+        if m.evidence is not None:
+            m.evidence.requires_grad_(True)
         if stage == "finetune":
             if m.finding_head is None:  # with a head the Z-former stays as the head learned it
                 m.z_former.requires_grad_(True)
@@ -642,11 +644,13 @@ class Trainer:
             torch.distributed.barrier()
 
     def _load_weights(self, path: Path) -> None:
-        """A finished stage's weights; label tokens may differ (a report-only ablation reuses
-        the findings stage of a findings-conditioned run), nothing else may."""
+        """A finished stage's weights; label tokens and their evidence may differ (a
+        report-only ablation reuses the findings stage of a findings-conditioned run),
+        nothing else may."""
         state = torch.load(path, map_location=self.device, weights_only=True)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        other = [k for k in [*missing, *unexpected] if not k.startswith("label_tokens.")]
+        other = [k for k in [*missing, *unexpected]
+                 if not k.startswith(("label_tokens.", "evidence."))]
         if other:
             raise RuntimeError(f"{path}: weights do not match the model: {other[:5]}")
 

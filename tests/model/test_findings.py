@@ -82,6 +82,31 @@ def test_the_language_model_reads_the_decisions(tokenizer: Any) -> None:
     assert all(bool(f.key_slices) == f.present for f in report.structured)
 
 
+def test_a_present_label_token_carries_where_the_head_found_it(tokenizer: Any) -> None:
+    """``finding_evidence``: per label the key-slice-weighted level along the view (and lesion
+    cues) joins a present label's token; an absent label's token does not change with it, a
+    fresh model (zero evidence weights) reads as without it, and training fits it."""
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
+                                     "finding_evidence": True}).eval()
+    views = [encoded(6)]
+    visual, found = model.read([views])
+    assert found is not None and found.where is not None
+    assert found.where.shape == (1, 2, model.cue_dim + 1)
+    assert 0.0 <= float(found.where.min()) and float(found.where.max()) <= 1.0
+    states = torch.tensor([[1, 0]])
+    low, high = torch.zeros(1, 2, 1), torch.ones(1, 2, 1)
+    assert torch.equal(model.prefix(visual, states, low), model.prefix(visual, states, high))
+    assert model.evidence is not None
+    torch.nn.init.normal_(model.evidence.weight)
+    a, b = model.prefix(visual, states, low), model.prefix(visual, states, high)
+    assert not torch.equal(a[:, -2], b[:, -2]) and torch.equal(a[:, -1], b[:, -1])
+    ids = torch.tensor([[1, 5, 6, 2]])
+    model.train()
+    model([views], ids, torch.ones_like(ids), states).backward()
+    assert model.evidence.weight.grad is not None and model.evidence.weight.grad.abs().sum() > 0
+
+
 def test_report_only_ablation_has_no_label_tokens(tokenizer: Any) -> None:
     model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
                                      "condition_on_findings": False})
