@@ -355,17 +355,18 @@ class PyramidSliceEncoder(nn.Module):
 
     @torch.no_grad()
     def lower_view(self, pixels: np.ndarray, modality: str, z_mm: np.ndarray,
-                   pixel_mm: tuple[float, float], chunk: int = 64) -> torch.Tensor:
-        """:meth:`lower` of a whole view ``(S, H, W)``, ``chunk`` slices at a time, with the
-        view's nodule cues filled in (``nodules``)."""
-        feats = torch.cat([self.lower(torch.as_tensor(pixels[i:i + chunk]), modality)
-                           for i in range(0, len(pixels), chunk)])
+                   pixel_mm: tuple[float, float], chunk: int = 64,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        """:meth:`lower` of a whole view ``(S, H, W)``, ``chunk`` slices at a time on
+        ``device``, with the view's nodule cues filled in (``nodules``)."""
+        parts = [torch.as_tensor(pixels[i:i + chunk], device=device)
+                 for i in range(0, len(pixels), chunk)]
+        feats = torch.cat([self.lower(p, modality) for p in parts])
         if self.nodules:
-            codes = np.concatenate([self.codes(torch.as_tensor(pixels[i:i + chunk]), modality)
-                                    for i in range(0, len(pixels), chunk)])
+            codes = np.concatenate([self.codes(p, modality) for p in parts])
             spacing = self.grid_spacing(pixels.shape[-2:], pixel_mm, z_mm)
             n = self.grid * self.grid
-            feats[:, -n:] = torch.from_numpy(nodule_cues(codes, spacing, self.grid))
+            feats[:, -n:] = torch.from_numpy(nodule_cues(codes, spacing, self.grid)).to(feats)
         return feats
 
     def volume_embedding(self, cues: torch.Tensor) -> torch.Tensor:

@@ -419,7 +419,7 @@ class MSVLM(nn.Module):
             elif raw:  # the tower's fixed lower part reads the values (HU) itself
                 feats = self.vision_tower.lower_view(view.pixels, view.modality, view.z_mm,
                                                      view.pixel_spacing_mm,
-                                                     self.config.slice_batch).to(self.device)
+                                                     self.config.slice_batch, self.device)
                 for start in range(0, view.num_slices, self.config.slice_batch):
                     chunks.append(self.vision_tower(
                         feats[start:start + self.config.slice_batch]))
