@@ -67,6 +67,34 @@ class FindingHead(nn.Module):
             nn.init.zeros_(self.cue.weight)
             nn.init.zeros_(self.cue.bias)
 
+    @torch.no_grad()
+    def fit_cues(self, peaks: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor,
+                 l2: float = 1e-3, steps: int = 100) -> None:
+        """Set the cue path to the per-label logistic regression (class-balanced BCE, L2
+        ``l2`` on the weights, L-BFGS) of ``(n, N)`` 0/1 ``targets`` on the studies' cue
+        maxima ``(n, cue_dim)``. Trained from zero by the head's optimiser (lr 1e-3) the path
+        stayed far from it: embolism reached validation AUROC 0.79 through it while one cue
+        alone gives 0.98."""
+        assert self.cue is not None
+        peaks, targets = peaks.float(), targets.float()
+        weight = torch.zeros_like(self.cue.weight, dtype=torch.float32).requires_grad_(True)
+        bias = torch.zeros_like(self.cue.bias, dtype=torch.float32).requires_grad_(True)
+        optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps,
+                                      line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                peaks @ weight.T + bias, targets, pos_weight=pos_weight.float())
+            loss = loss + l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimiser.step(closure)
+        self.cue.weight.copy_(weight.detach())
+        self.cue.bias.copy_(bias.detach())
+
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 cues: torch.Tensor | None = None) -> FindingOutput:
         B, L, D = tokens.shape

@@ -56,7 +56,8 @@ STAGE_SEEDS = {"pretrain": 0, "findings": 1, "mem": 2, "align": 3, "finetune": 4
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
-                 "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0},
+                 "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
+                 "cue_fit": False},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
@@ -104,6 +105,8 @@ class RunConfig:
             stage[s] = values
         if float(stage["findings"]["cue_loss"]) < 0:
             raise ValueError(f"{path}: [findings] cue_loss: must be >= 0")
+        if not isinstance(stage["findings"]["cue_fit"], bool):
+            raise ValueError(f"{path}: [findings] cue_fit: must be true or false")
         if stage["findings"]["select"] not in ("loss", "auroc"):
             raise ValueError(f"{path}: [findings] select: {stage['findings']['select']!r} is "
                              "not 'loss' or 'auroc'")
@@ -459,6 +462,27 @@ class Trainer:
             self._lower[study.study_id] = rows
         return [(f.to(self.device), e) for f, e in self._lower[study.study_id]]
 
+    def _fit_cues(self) -> None:
+        """Start the head's cue path from the logistic regression of the training labels on
+        each study's cue maxima (``[findings] cue_fit``; the cues are fixed, so they are known
+        before any step)."""
+        head: Any = self.model.finding_head
+        n = self.model.cue_dim
+        self.model.eval()
+        with torch.no_grad():
+            peaks = torch.stack([torch.cat([self.model.vision_tower(f.float())[:, -n:]
+                                            for f, _ in self.lower(s)]).amax(0)
+                                 for s in self.data.train])
+        targets = torch.stack([self.targets(s) for s in self.data.train]).to(peaks.device)
+        head.fit_cues(peaks, targets, self._pos_weight)
+        from models.probe import auroc
+
+        logits = (peaks @ head.cue.weight.T + head.cue.bias).cpu().numpy()
+        scores = [auroc(logits[:, j], targets[:, j].cpu().numpy())
+                  for j in range(targets.shape[1]) if 0 < float(targets[:, j].sum()) < len(targets)]
+        logger.info("Cue path fitted on %d training studies: training macro AUROC %.3f",
+                    len(peaks), sum(scores) / max(1, len(scores)))
+
     def _batch_report(self, studies: list[StudyItem], rng: np.random.Generator,
                       batch: int) -> tuple[Any, ...]:
         picks = rng.choice(len(studies), size=min(batch, len(studies)), replace=False)
@@ -555,6 +579,8 @@ class Trainer:
                 tower.fit_standardisation(sample.to(self.device))
                 logger.info("Lower features standardised on %d training slices", len(sample))
         params, make_batch = self._setup_stage(stage)
+        if stage == "findings" and cfg["cue_fit"] and self._two_part() and self.model.cue_dim:
+            self._fit_cues()
         module: nn.Module = _Loss(self.model, self._loss(stage))
         if stage == "pretrain" and hasattr(self, "_mae"):
             module.add_module("mae", self._mae)

@@ -273,6 +273,24 @@ def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
     torch.testing.assert_close(found.key_weights.sum(-1), torch.ones(2, 2))
 
 
+def test_the_cue_path_is_fitted_to_the_cue_that_carries_a_label() -> None:
+    """``[findings] cue_fit``: the cue path starts as the logistic regression of each label on
+    the studies' cue maxima, so a label one cue decides is read from that cue (with the right
+    sign) before any training step."""
+    from models.probe import auroc
+
+    head = FindingHead(2, 16, 2, cue_dim=4)
+    peaks = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    targets = torch.stack([(peaks[:, 2] > 0.8).float(), (peaks[:, 0] < 0).float()], dim=1)
+    head.fit_cues(peaks, targets, torch.tensor([3.0, 1.0]))
+    assert head.cue is not None
+    logits = (peaks @ head.cue.weight.T + head.cue.bias).detach()
+    for j in range(2):
+        assert auroc(logits[:, j].numpy(), targets[:, j].numpy()) > 0.99
+    assert int(head.cue.weight[0].abs().argmax()) == 2 and float(head.cue.weight[0, 2]) > 0
+    assert int(head.cue.weight[1].abs().argmax()) == 0 and float(head.cue.weight[1, 0]) < 0
+
+
 @pytest.mark.parametrize("detail", [False, True])
 def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> None:
     """The real training path (cached lower features, class-balanced BCE, thresholds tuned on
@@ -291,7 +309,7 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
                      "probe_studies": 24, "select": "auroc" if detail else "loss",
-                     "cue_loss": 1.0 if detail else 0.0}},
+                     "cue_loss": 1.0 if detail else 0.0, "cue_fit": detail}},
         tmp_path / "run.toml")
     data = phantom_dataset(64, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
     trainer = Trainer(run, data)
