@@ -69,31 +69,33 @@ class FindingHead(nn.Module):
 
     @torch.no_grad()
     def fit_cues(self, peaks: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor,
-                 l2: float = 1e-3, steps: int = 100) -> None:
-        """Set the cue path to the per-label logistic regression (class-balanced BCE, L2
-        ``l2`` on the weights, L-BFGS) of ``(n, N)`` 0/1 ``targets`` on the studies' cue
-        maxima ``(n, cue_dim)``. Trained from zero by the head's optimiser (lr 1e-3) the path
-        stayed far from it: embolism reached validation AUROC 0.79 through it while one cue
-        alone gives 0.98."""
+                 l1: float = 0.01, steps: int = 3000, lr: float = 0.05) -> None:
+        """Set the cue path to the per-label sparse logistic regression (class-balanced BCE,
+        L1 ``l1`` on the weights, proximal gradient) of ``(n, N)`` 0/1 ``targets`` on the
+        studies' cue maxima ``(n, cue_dim)``, each cue standardised over the studies (folded
+        into the weights).
+
+        Measured on the validation split of a findings run (embolism, 300 training studies):
+        one cue alone separates at AUROC 0.98; the cue path trained from zero by the head's
+        optimiser reached 0.79, a dense (L2) logistic regression of all 45 maxima 0.85, this
+        sparse one 0.98 with two cues."""
         assert self.cue is not None
-        peaks, targets = peaks.float(), targets.float()
-        weight = torch.zeros_like(self.cue.weight, dtype=torch.float32).requires_grad_(True)
-        bias = torch.zeros_like(self.cue.bias, dtype=torch.float32).requires_grad_(True)
-        optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps,
-                                      line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimiser.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                peaks @ weight.T + bias, targets, pos_weight=pos_weight.float())
-            loss = loss + l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimiser.step(closure)
-        self.cue.weight.copy_(weight.detach())
-        self.cue.bias.copy_(bias.detach())
+        x, y = peaks.float(), targets.float()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
+        z = (x - mean) / std
+        weight = torch.zeros(y.shape[1], z.shape[1], device=z.device)
+        bias = torch.zeros(y.shape[1], device=z.device)
+        for _ in range(steps):
+            with torch.enable_grad():
+                w, b = weight.requires_grad_(True), bias.requires_grad_(True)
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    z @ w.T + b, y, pos_weight=pos_weight.float().to(z.device))
+                grad_w, grad_b = torch.autograd.grad(loss, [w, b])
+            weight = weight.detach() - lr * grad_w
+            bias = bias.detach() - lr * grad_b
+            weight = weight.sign() * (weight.abs() - lr * l1).clamp_min(0)  # soft threshold
+        self.cue.weight.copy_(weight / std)
+        self.cue.bias.copy_(bias - (weight / std) @ mean)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 cues: torch.Tensor | None = None) -> FindingOutput:
