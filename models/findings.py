@@ -25,6 +25,7 @@ class FindingOutput:
     evidence: torch.Tensor | None = None  # (B, N, L): with lesion cues, see FindingHead
     cue_logits: torch.Tensor | None = None  # (B, N): the cue path alone (its own loss)
     where: torch.Tensor | None = None  # (B, N, C+1): MSVLM.read with finding_evidence
+    cue_slices: torch.Tensor | None = None  # (B, N, L): each slice's share of the cue path
 
     @property
     def key_weights(self) -> torch.Tensor:
@@ -122,7 +123,7 @@ class FindingHead(nn.Module):
         share = (cue_part.abs() / (cue_part.abs() + read.abs()).clamp_min(1e-6))[..., None]
         evidence = (1 - share) * attention + share * per_slice
         return FindingOutput(read + cue_part + self.cue.bias + self.bias, attention, valid,
-                             evidence, cue_part + self.cue.bias)
+                             evidence, cue_part + self.cue.bias, cue_slices=per_slice)
 
 
 def decisions(probabilities: torch.Tensor, thresholds: list[float] | None) -> torch.Tensor:
@@ -146,6 +147,24 @@ def key_slices(attention: torch.Tensor, lengths: list[int], k: int) -> list[tupl
         out += [(view, int(i), float(w)) for w, i in zip(top.values, top.indices)]
         offset += n
     return sorted(out, key=lambda row: -row[2])
+
+
+def choose_sources(head: torch.Tensor, cues: torch.Tensor, targets: torch.Tensor,
+                   margin: float = 0.02) -> list[str]:
+    """Per label ``"cues"`` where the cue path's ``(n, N)`` probabilities separate the 0/1
+    ``targets`` better than the whole head's by more than ``margin`` (AUROC), else ``"head"``
+    (a label without both classes keeps the head)."""
+    from models.probe import auroc
+
+    out = []
+    for j in range(targets.shape[1]):
+        y = targets[:, j].long().numpy()
+        if y.min() == y.max():
+            out.append("head")
+            continue
+        better = auroc(cues[:, j].numpy(), y) > auroc(head[:, j].numpy(), y) + margin
+        out.append("cues" if better else "head")
+    return out
 
 
 NEVER = 1.01

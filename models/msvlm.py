@@ -77,6 +77,9 @@ class MSVLMConfig:
     # of the slices' lesion cues (cell, size) and of their relative position along the view
     # (level), so the text can say which lung and lobe and how large (zero at start)
     finding_evidence: bool = False
+    # per label "head" (the whole head's logit) or "cues" (its cue path alone), chosen on the
+    # validation split ([findings] cue_choice); empty: the head for every label
+    finding_sources: list[str] = field(default_factory=list)
     # language model (a Llama built from lm_config, or any causal LM loaded from lm_path)
     lm_path: str | None = None
     lm_config: dict[str, Any] = field(default_factory=lambda: {
@@ -373,6 +376,10 @@ class MSVLM(nn.Module):
         if config.labels:
             if config.finding_thresholds and len(config.finding_thresholds) != len(config.labels):
                 raise ValueError("Invalid 'finding_thresholds' - one per label")
+            if config.finding_sources and (
+                    len(config.finding_sources) != len(config.labels)
+                    or set(config.finding_sources) - {"head", "cues"}):
+                raise ValueError("Invalid 'finding_sources' - 'head' or 'cues', one per label")
             self.finding_head = FindingHead(len(config.labels), config.z_hidden,
                                             config.head_heads, self.cue_dim)
             if config.condition_on_findings:  # (label, absent/present) -> one LM token each
@@ -397,7 +404,14 @@ class MSVLM(nn.Module):
     def _head(self, seq: torch.Tensor, emb: torch.Tensor, valid: torch.Tensor) -> FindingOutput:
         assert self.finding_head is not None
         cues = emb[..., -self.cue_dim:] if self.cue_dim else None
-        return self.finding_head(seq[:, self.config.z_global_tokens:], valid, cues)
+        out = self.finding_head(seq[:, self.config.z_global_tokens:], valid, cues)
+        if "cues" in self.config.finding_sources and out.cue_logits is not None:
+            use = torch.tensor([s == "cues" for s in self.config.finding_sources],
+                               device=out.logits.device)
+            out.logits = torch.where(use, out.cue_logits, out.logits)
+            if out.evidence is not None and out.cue_slices is not None:
+                out.evidence = torch.where(use[:, None], out.cue_slices, out.evidence)
+        return out
 
     # -- encode: slices -> embeddings (cacheable) ---------------------------------------------------
     def encode_slices(self, view: View, grad: bool = False) -> EncodedView:

@@ -57,7 +57,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
                  "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
-                 "cue_fit": False},
+                 "cue_fit": False, "cue_choice": False},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
@@ -105,8 +105,9 @@ class RunConfig:
             stage[s] = values
         if float(stage["findings"]["cue_loss"]) < 0:
             raise ValueError(f"{path}: [findings] cue_loss: must be >= 0")
-        if not isinstance(stage["findings"]["cue_fit"], bool):
-            raise ValueError(f"{path}: [findings] cue_fit: must be true or false")
+        for key in ("cue_fit", "cue_choice"):
+            if not isinstance(stage["findings"][key], bool):
+                raise ValueError(f"{path}: [findings] {key}: must be true or false")
         if stage["findings"]["select"] not in ("loss", "auroc"):
             raise ValueError(f"{path}: [findings] select: {stage['findings']['select']!r} is "
                              "not 'loss' or 'auroc'")
@@ -477,7 +478,7 @@ class Trainer:
         head.fit_cues(peaks, targets, self._pos_weight)
         from models.probe import auroc
 
-        logits = (peaks @ head.cue.weight.T + head.cue.bias).cpu().numpy()
+        logits = (peaks @ head.cue.weight.T + head.cue.bias).detach().cpu().numpy()
         scores = [auroc(logits[:, j], targets[:, j].cpu().numpy())
                   for j in range(targets.shape[1]) if 0 < float(targets[:, j].sum()) < len(targets)]
         logger.info("Cue path fitted on %d training studies: training macro AUROC %.3f",
@@ -560,6 +561,7 @@ class Trainer:
             self._load_weights(folder / "weights.pt")
             if "thresholds" in done:
                 self.config.finding_thresholds = done["thresholds"]
+                self.config.finding_sources = done.get("sources", [])
                 self.probe = done.get("probe", {})
                 self.head_valid = done.get("head_valid", {})
             logger.info("Stage %s already done; skipped", stage)
@@ -723,11 +725,20 @@ class Trainer:
 
     # -- after the findings stage: thresholds, head metrics, probes ----------------------------------
     @torch.no_grad()
-    def _head_outputs(self, studies: list[StudyItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _head_outputs(self, studies: list[StudyItem], cues: bool = False) -> Any:
+        """``(probabilities, targets)`` of the head on ``studies``; with ``cues`` also the
+        cue path's probabilities (``None`` without one)."""
         self.model.eval()
-        probs = [self.model.findings([self.encoded(s)]).logits[0].sigmoid().cpu()
-                 for s in tqdm(studies, desc="head on validation", disable=not self.main)]
-        return torch.stack(probs), torch.stack([self.targets(s) for s in studies])
+        probs, cue_probs = [], []
+        for s in tqdm(studies, desc="head on validation", disable=not self.main):
+            out = self.model.findings([self.encoded(s)])
+            probs.append(out.logits[0].sigmoid().cpu())
+            if out.cue_logits is not None:
+                cue_probs.append(out.cue_logits[0].sigmoid().cpu())
+        targets = torch.stack([self.targets(s) for s in studies])
+        if not cues:
+            return torch.stack(probs), targets
+        return torch.stack(probs), targets, (torch.stack(cue_probs) if cue_probs else None)
 
     def _after_findings(self) -> dict[str, Any]:
         """Tune the thresholds on the validation split, score the head there, probe."""
@@ -735,7 +746,17 @@ class Trainer:
 
         self.reset_cache()  # the encoder changed: embeddings are computed anew
         studies = self.data.valid or self.data.train
-        probs, targets = self._head_outputs(studies)
+        self.config.finding_sources = []  # the whole head while choosing
+        probs, targets, cue_probs = self._head_outputs(studies, cues=True)
+        if self.run.stage["findings"]["cue_choice"] and cue_probs is not None:
+            from models.findings import choose_sources
+
+            sources = choose_sources(probs, cue_probs, targets)
+            self.config.finding_sources = sources
+            use = torch.tensor([s == "cues" for s in sources])
+            probs = torch.where(use, cue_probs, probs)
+            logger.info("Labels read from the cue path alone (better on validation): %s",
+                        [l for l, s in zip(self.config.labels, sources) if s == "cues"] or "none")
         self.config.finding_thresholds = tune_thresholds(
             probs, targets, float(self.run.stage["findings"]["min_auroc"]))
         head = head_scores(probs, targets, self.config.finding_thresholds, self.config.labels)
@@ -744,7 +765,7 @@ class Trainer:
         self.probe = self.run_probe()
         self.head_valid = head
         return {"thresholds": self.config.finding_thresholds, "head_valid": head,
-                "probe": self.probe}
+                "probe": self.probe, "sources": self.config.finding_sources}
 
     @torch.no_grad()
     def run_probe(self) -> dict[str, Any]:
@@ -910,6 +931,9 @@ class Trainer:
             # never stated by the drafts (validation AUROC below min_auroc), and said so
             card["not_assessed"] = [label for label, t in zip(
                 self.config.labels, self.config.finding_thresholds) if t > 1.0]
+            if "cues" in self.config.finding_sources:  # chosen on validation (cue_choice)
+                card["read_from_cue_path"] = [label for label, s in zip(
+                    self.config.labels, self.config.finding_sources) if s == "cues"]
         if self.head_valid:
             card["head_validation"] = self.head_valid
         if self.probe:

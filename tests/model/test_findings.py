@@ -273,6 +273,34 @@ def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
     torch.testing.assert_close(found.key_weights.sum(-1), torch.ones(2, 2))
 
 
+def test_a_label_the_cue_path_reads_better_is_read_from_it(tokenizer: Any) -> None:
+    """``[findings] cue_choice``: on validation a label whose cue path separates better than
+    the whole head (by more than the margin) is read from the cue path alone: its logit is the
+    cue path's and its key slices are the slices whose cues made it."""
+    from models.findings import choose_sources
+    from models.view import View
+
+    targets = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    head = torch.tensor([[0.4, 0.9], [0.6, 0.1], [0.5, 0.8], [0.5, 0.3]])
+    cues = torch.tensor([[0.9, 0.6], [0.1, 0.5], [0.8, 0.7], [0.2, 0.5]])
+    assert choose_sources(head, cues, targets) == ["cues", "head"]
+    assert choose_sources(head, cues, torch.zeros(4, 2)) == ["head", "head"]
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, encoder="pyramid", pyramid_detail=True, pyramid_lesions=True,
+                       image_size=128, vision_hidden=64, z_hidden=32, labels=LABELS,
+                       finding_sources=["cues", "head"]).eval()
+    assert model.finding_head is not None and model.finding_head.cue is not None
+    torch.nn.init.normal_(model.finding_head.cue.weight)
+    vol, z = _lung_volume()
+    out = model.findings([[model.encode_slices(View(vol, z, (2.5, 2.5), "CT"))]])
+    assert out.cue_logits is not None and out.cue_slices is not None
+    assert torch.equal(out.logits[0, 0], out.cue_logits[0, 0])
+    assert not torch.equal(out.logits[0, 1], out.cue_logits[0, 1])
+    assert torch.equal(out.key_weights[0, 0], out.cue_slices[0, 0])
+    with pytest.raises(ValueError, match="finding_sources"):
+        build_tiny(tokenizer, labels=LABELS, finding_sources=["cues"])
+
+
 def test_the_cue_path_is_fitted_to_the_cue_that_carries_a_label() -> None:
     """``[findings] cue_fit``: the cue path starts as the logistic regression of each label on
     the studies' cue maxima, so a label one cue decides is read from that cue (with the right
@@ -309,13 +337,15 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
                   "head_heads": 2, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
                      "probe_studies": 24, "select": "auroc" if detail else "loss",
-                     "cue_loss": 1.0 if detail else 0.0, "cue_fit": detail}},
+                     "cue_loss": 1.0 if detail else 0.0, "cue_fit": detail,
+                     "cue_choice": detail}},
         tmp_path / "run.toml")
     data = phantom_dataset(64, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
     trainer = Trainer(run, data)
     trainer.run_stage("findings")
     done = (tmp_path / "ckpt" / "stages" / "findings" / "done.json").read_text()
     assert '"thresholds"' in done and len(trainer.config.finding_thresholds) == 2
+    assert len(trainer.config.finding_sources) == (2 if detail else 0)
     curve = trainer.curves["findings"]
     losses = curve["loss"]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
