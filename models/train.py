@@ -464,9 +464,9 @@ class Trainer:
         return [(f.to(self.device), e) for f, e in self._lower[study.study_id]]
 
     def _fit_cues(self) -> None:
-        """Start the head's cue path from the logistic regression of the training labels on
-        each study's cue maxima (``[findings] cue_fit``; the cues are fixed, so they are known
-        before any step)."""
+        """Start the head's cue path from the sparse (L1) logistic regression of the training
+        labels on each study's cue maxima (``[findings] cue_fit``; the cues are fixed, so they
+        are known before any step)."""
         head: Any = self.model.finding_head
         n = self.model.cue_dim
         self.model.eval()
