@@ -300,12 +300,8 @@ class PyramidSliceEncoder(nn.Module):
     @torch.no_grad()
     def lower(self, values: torch.Tensor, modality: str = "CT") -> torch.Tensor:
         """``(S, H, W)`` HU (or MR intensities) -> ``(S, in_dim)`` bin shares."""
-        x = values.float()
-        if self.detail and x.shape[-2:] != (self.matrix, self.matrix):
-            # a fixed pixel grid, so filter scales mean the same millimetres on a 512 matrix
-            x = nn.functional.interpolate(x[:, None], size=(self.matrix, self.matrix),
-                                          mode="bilinear", antialias=True,
-                                          align_corners=False)[:, 0]
+        # detail: a fixed pixel grid, so filter scales mean the same millimetres on a 512 matrix
+        x = self._resampled(values) if self.detail else values.float()
         if modality == "CT":
             edges = self.edges.to(x.device)
         else:
