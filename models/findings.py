@@ -47,9 +47,16 @@ class FindingHead(nn.Module):
     the cues decided points at the slice that showed the cue. ``cue_logits`` (the cue path
     alone) take a loss of their own in training (``[findings] cue_loss``): without it the
     attention path fitted the training labels first and the cue path stopped learning
-    (embolism: validation AUROC 0.81 from the head, 0.98 from one cue alone)."""
+    (embolism: validation AUROC 0.81 from the head, 0.98 from one cue alone).
 
-    def __init__(self, num_labels: int, dim: int, heads: int = 4, cue_dim: int = 0) -> None:
+    With ``cue_cells`` (the cues come as ``cue_dim // cue_cells`` types of ``cue_cells`` grid
+    cells each, type-major) the cue path also reads each type's maximum over the cells: a
+    nodule lies in one of nine cells, so no single cell's maximum carries it (validation AUROC
+    of the sparse fit for lung nodule: 0.50 with no cue kept from the 45 cells, 0.83 with the
+    per-type maxima; embolism 0.98 / 0.97)."""
+
+    def __init__(self, num_labels: int, dim: int, heads: int = 4, cue_dim: int = 0,
+                 cue_cells: int = 0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"Invalid 'head_heads' {heads} - must divide z_hidden {dim}")
@@ -62,26 +69,37 @@ class FindingHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.weight = nn.Parameter(torch.randn(num_labels, dim) * 0.02)
         self.bias = nn.Parameter(torch.zeros(num_labels))
+        if cue_cells and cue_dim % cue_cells:
+            raise ValueError(f"Invalid cue_cells {cue_cells} - must divide the {cue_dim} cues")
+        self.cue_cells = cue_cells
         self.cue: nn.Linear | None = None
         if cue_dim:
-            self.cue = nn.Linear(cue_dim, num_labels)
+            self.cue = nn.Linear(cue_dim + (cue_dim // cue_cells if cue_cells else 0), num_labels)
             nn.init.zeros_(self.cue.weight)
             nn.init.zeros_(self.cue.bias)
+
+    def cue_inputs(self, cues: torch.Tensor) -> torch.Tensor:
+        """``(..., cue_dim)`` cues -> what the cue path reads: the cues, then with
+        ``cue_cells`` each cue type's maximum over its cells."""
+        if not self.cue_cells:
+            return cues
+        types = cues.shape[-1] // self.cue_cells
+        return torch.cat([cues, cues.unflatten(-1, (types, self.cue_cells)).amax(-1)], dim=-1)
 
     @torch.no_grad()
     def fit_cues(self, peaks: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor,
                  l1: float = 0.01, steps: int = 3000, lr: float = 0.05) -> None:
         """Set the cue path to the per-label sparse logistic regression (class-balanced BCE,
         L1 ``l1`` on the weights, proximal gradient) of ``(n, N)`` 0/1 ``targets`` on the
-        studies' cue maxima ``(n, cue_dim)``, each cue standardised over the studies (folded
-        into the weights).
+        studies' cue maxima ``(n, cue_dim)`` (read through :meth:`cue_inputs`), each cue
+        standardised over the studies (folded into the weights).
 
         Measured on the validation split of a findings run (embolism, 300 training studies):
         one cue alone separates at AUROC 0.98; the cue path trained from zero by the head's
         optimiser reached 0.79, a dense (L2) logistic regression of all 45 maxima 0.85, this
         sparse one 0.98 with two cues."""
         assert self.cue is not None
-        x, y = peaks.float(), targets.float()
+        x, y = self.cue_inputs(peaks.float()), targets.float()
         mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
         z = (x - mean) / std
         weight = torch.zeros(y.shape[1], z.shape[1], device=z.device)
@@ -116,7 +134,8 @@ class FindingHead(nn.Module):
         attention = att.mean(dim=1)
         if self.cue is None or cues is None:
             return FindingOutput(read + self.bias, attention, valid)
-        peak = cues.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (B, C)
+        cues = self.cue_inputs(cues)  # (B, L, C'): the maxima commute with the one over slices
+        peak = cues.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (B, C')
         cue_part = peak @ self.cue.weight.T  # (B, N)
         per_slice = (cues @ self.cue.weight.T).transpose(1, 2)  # (B, N, L)
         per_slice = per_slice.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)

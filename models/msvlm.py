@@ -80,6 +80,9 @@ class MSVLMConfig:
     # per label "head" (the whole head's logit) or "cues" (its cue path alone), chosen on the
     # validation split ([findings] cue_choice); empty: the head for every label
     finding_sources: list[str] = field(default_factory=list)
+    # the head's cue path also reads each lesion cue type's maximum over the pyramid's grid
+    # cells (a nodule lies in one of nine cells; models/findings.py)
+    finding_cue_cells: bool = False
     # language model (a Llama built from lm_config, or any causal LM loaded from lm_path)
     lm_path: str | None = None
     lm_config: dict[str, Any] = field(default_factory=lambda: {
@@ -380,8 +383,9 @@ class MSVLM(nn.Module):
                     len(config.finding_sources) != len(config.labels)
                     or set(config.finding_sources) - {"head", "cues"}):
                 raise ValueError("Invalid 'finding_sources' - 'head' or 'cues', one per label")
+            cells = config.pyramid_grid ** 2 if config.finding_cue_cells and self.cue_dim else 0
             self.finding_head = FindingHead(len(config.labels), config.z_hidden,
-                                            config.head_heads, self.cue_dim)
+                                            config.head_heads, self.cue_dim, cells)
             if config.condition_on_findings:  # (label, absent/present) -> one LM token each
                 self.label_tokens = nn.Embedding(2 * len(config.labels), lm_width)
                 nn.init.normal_(self.label_tokens.weight, std=0.02)

@@ -57,7 +57,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
                  "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
-                 "cue_fit": False, "cue_choice": False},
+                 "cue_fit": False, "cue_freeze": False, "cue_choice": False},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
@@ -105,9 +105,12 @@ class RunConfig:
             stage[s] = values
         if float(stage["findings"]["cue_loss"]) < 0:
             raise ValueError(f"{path}: [findings] cue_loss: must be >= 0")
-        for key in ("cue_fit", "cue_choice"):
+        for key in ("cue_fit", "cue_freeze", "cue_choice"):
             if not isinstance(stage["findings"][key], bool):
                 raise ValueError(f"{path}: [findings] {key}: must be true or false")
+        if stage["findings"]["cue_freeze"] and not stage["findings"]["cue_fit"]:
+            raise ValueError(f"{path}: [findings] cue_freeze: needs cue_fit = true (it keeps "
+                             "the fitted cue path)")
         if stage["findings"]["select"] not in ("loss", "auroc"):
             raise ValueError(f"{path}: [findings] select: {stage['findings']['select']!r} is "
                              "not 'loss' or 'auroc'")
@@ -478,7 +481,7 @@ class Trainer:
         head.fit_cues(peaks, targets, self._pos_weight)
         from models.probe import auroc
 
-        logits = (peaks @ head.cue.weight.T + head.cue.bias).detach().cpu().numpy()
+        logits = (head.cue_inputs(peaks) @ head.cue.weight.T + head.cue.bias).detach().cpu().numpy()
         scores = [auroc(logits[:, j], targets[:, j].cpu().numpy())
                   for j in range(targets.shape[1]) if 0 < float(targets[:, j].sum()) < len(targets)]
         logger.info("Cue path fitted on %d training studies: training macro AUROC %.3f",
@@ -583,6 +586,11 @@ class Trainer:
         params, make_batch = self._setup_stage(stage)
         if stage == "findings" and cfg["cue_fit"] and self._two_part() and self.model.cue_dim:
             self._fit_cues()
+            if cfg["cue_freeze"]:  # the stage trains the rest of the head around the fit
+                head: Any = self.model.finding_head
+                head.cue.requires_grad_(False)
+                params = [p for p in params if p.requires_grad]
+                logger.info("Cue path kept as fitted (cue_freeze)")
         module: nn.Module = _Loss(self.model, self._loss(stage))
         if stage == "pretrain" and hasattr(self, "_mae"):
             module.add_module("mae", self._mae)

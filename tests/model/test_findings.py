@@ -319,6 +319,32 @@ def test_the_cue_path_is_fitted_to_the_cue_that_carries_a_label() -> None:
     assert int(head.cue.weight[1].abs().argmax()) == 0 and float(head.cue.weight[1, 0]) < 0
 
 
+def test_the_cue_path_reads_a_cue_types_maximum_over_cells() -> None:
+    """With ``cue_cells`` the cue path also reads each cue type's maximum over the grid cells:
+    a lesion that may lie in any cell (a nodule in one of nine) is read from that maximum,
+    which no single cell's cue gives."""
+    from models.probe import auroc
+
+    g = torch.Generator().manual_seed(1)
+    peaks = torch.randn(400, 6, generator=g)  # 2 cue types x 3 cells, type-major
+    targets = (peaks[:, 3:].amax(1) > 1.0).float()[:, None]  # type 1 high in any cell
+    scores = {}
+    for cells in (0, 3):
+        head = FindingHead(1, 16, 2, cue_dim=6, cue_cells=cells)
+        head.fit_cues(peaks, targets, torch.tensor([1.5]))
+        assert head.cue is not None and head.cue.in_features == (8 if cells else 6)
+        logits = (head.cue_inputs(peaks) @ head.cue.weight.T + head.cue.bias).detach()
+        scores[cells] = auroc(logits[:, 0].numpy(), targets[:, 0].numpy())
+        if cells:
+            assert int(head.cue.weight[0].abs().argmax()) == 7  # type 1's maximum
+            slices = torch.randn(2, 5, 6, generator=g)  # per slice, then over slices
+            torch.testing.assert_close(head.cue_inputs(slices).amax(1),
+                                       head.cue_inputs(slices.amax(1)))
+    assert scores[3] > 0.99 and scores[3] > scores[0] + 0.03, scores
+    with pytest.raises(ValueError, match="cue_cells"):
+        FindingHead(1, 16, 2, cue_dim=6, cue_cells=4)
+
+
 @pytest.mark.parametrize("detail", [False, True])
 def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> None:
     """The real training path (cached lower features, class-balanced BCE, thresholds tuned on
@@ -334,11 +360,11 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
                   "pyramid_nodules": detail, "image_size": 40,
                   "vision_hidden": 48 if detail else 32, "z_hidden": 32, "z_layers": 1,
                   "z_heads": 2, "z_mlp": 64, "num_queries": 4, "labels": labels,
-                  "head_heads": 2, "lm_config": TINY["lm_config"]},
+                  "head_heads": 2, "finding_cue_cells": detail, "lm_config": TINY["lm_config"]},
         "findings": {"steps": 300, "batch": 8, "lr": 3e-3, "eval_every": 150,
                      "probe_studies": 24, "select": "auroc" if detail else "loss",
                      "cue_loss": 1.0 if detail else 0.0, "cue_fit": detail,
-                     "cue_choice": detail}},
+                     "cue_freeze": detail, "cue_choice": detail}},
         tmp_path / "run.toml")
     data = phantom_dataset(64, 16, seed=5, matrix=40, slices=16, prevalence=0.5)
     trainer = Trainer(run, data)
@@ -368,6 +394,18 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
     fresh = [trainer.model.encode_slices(v) for v in study.load()]
     for a, b in zip(kept, fresh):
         torch.testing.assert_close(a.embeddings, b.embeddings, atol=0.05, rtol=0.02)
+    if detail:  # cue_freeze: the cue path is still the sparse fit on the training studies
+        head = trainer.model.finding_head
+        assert head is not None and head.cue is not None and head.cue_cells == 9
+        n = trainer.model.cue_dim
+        with torch.no_grad():
+            peaks = torch.stack([torch.cat([tower(f.float())[:, -n:] for f, _ in
+                                            trainer.lower(s)]).amax(0) for s in data.train])
+        fresh_head = FindingHead(2, 32, 2, cue_dim=n, cue_cells=9)
+        fresh_head.fit_cues(peaks, torch.stack([trainer.targets(s) for s in data.train]),
+                            trainer._pos_weight)
+        assert fresh_head.cue is not None and float(head.cue.weight.abs().sum()) > 0
+        torch.testing.assert_close(head.cue.weight, fresh_head.cue.weight)
     if detail:  # fitted, not the identity it starts as, and part of the saved state
         assert float(tower.feature_std.min()) >= 0.0099 and float(tower.feature_mean.abs().max()) > 0
         assert "vision_tower.feature_mean" in trainer.model.state_dict()

@@ -69,6 +69,9 @@ def test_stages_keep_their_order(tmp_path: Path) -> None:
     raw["findings"] = {"cue_loss": -1}
     with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_loss"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["findings"] = {"cue_freeze": True}  # nothing fitted to keep
+    with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_freeze: needs cue_fit"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
 
 
 def test_resume_follows_the_same_curve(tmp_path: Path, data: Any) -> None:
