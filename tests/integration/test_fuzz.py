@@ -82,8 +82,12 @@ def fuzz(config: Config, proc: ServeProcess, template: pydicom.Dataset, seed: in
                 sent.update(case.maybe)
                 try:
                     statuses = run_case(port, case)
-                except ConnectionRefusedError:
-                    raise AssertionError(f"the node stopped listening after case {case.number}")
+                except ConnectionRefusedError:  # say whether it died and what it last logged
+                    code = proc.proc.poll()
+                    state = "running" if code is None else f"exited with {code}"
+                    raise AssertionError(
+                        f"the node stopped listening at case {case.number} ({state}); the "
+                        f"end of its log:\n{proc.output()[-3000:]}")
                 for uid, status in statuses.items():
                     if status == 0x0000 and uid in case.sent:
                         acknowledged[uid] = case.sent[uid]
