@@ -894,16 +894,21 @@ class Trainer:
 
     def _frozen_story(self) -> list[str]:
         """What each stage trained and what it left frozen (for the model card)."""
+        cfg = self.run.stage["findings"]
+        kept = (", except the head's cue path: fitted before the stage (sparse logistic "
+                "regression on the training studies' cue maxima) and kept as fitted"
+                if cfg["cue_fit"] and cfg["cue_freeze"] and self.model.cue_dim else "")
+        parts = ["resampler", "projector"] + (
+            ["label tokens"] if self.model.label_tokens is not None else []) + (
+            ["evidence projection"] if self.model.evidence is not None else [])
         story = {
             "pretrain": "pretrain: vision tower alone (self-supervised); frozen afterwards",
-            "findings": "findings: vision tower, Z-former and finding head end to end (BCE); "
-                        "all three frozen afterwards",
+            "findings": "findings: vision tower, Z-former and finding head end to end (BCE)"
+                        + kept + "; all three frozen afterwards",
             "mem": "mem: Z-former alone (masked embedding modelling)",
-            "align": "align: resampler, projector" + (" and label tokens"
-                                                      if self.model.label_tokens is not None
-                                                      else "") + "; everything else frozen",
-            "finetune": "finetune: resampler, projector, " + (
-                "label tokens, " if self.model.label_tokens is not None else "") + (
+            "align": "align: " + ", ".join(parts[:-1]) + " and " + parts[-1]
+                     + "; everything else frozen",
+            "finetune": "finetune: " + ", ".join(parts) + ", " + (
                 "language model" if self.model.finding_head is not None
                 else "Z-former and language model") + ("" if not self.config.lora
                                                         else " (LoRA adapters)"),

@@ -406,6 +406,7 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
                             trainer._pos_weight)
         assert fresh_head.cue is not None and float(head.cue.weight.abs().sum()) > 0
         torch.testing.assert_close(head.cue.weight, fresh_head.cue.weight)
+        assert "cue path: fitted before the stage" in trainer._frozen_story()[0]  # the card
     if detail:  # fitted, not the identity it starts as, and part of the saved state
         assert float(tower.feature_std.min()) >= 0.0099 and float(tower.feature_mean.abs().max()) > 0
         assert "vision_tower.feature_mean" in trainer.model.state_dict()
