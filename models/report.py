@@ -11,6 +11,7 @@ SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 _SECTION = re.compile(r"(?is)^\s*findings\s*:\s*(?P<findings>.*?)\s*impression\s*:\s*"
                       r"(?P<impression>.*?)\s*$")
+_RESTART = re.compile(r"(?i)findings\s*:")
 
 
 @dataclass
@@ -56,11 +57,13 @@ def format_report(findings: str, impression: str) -> str:
 
 def parse_report(text: str) -> tuple[str, str]:
     """Split generated text into (findings, impression); text without the sections is all
-    findings, with an empty impression."""
+    findings, with an empty impression. A findings section the model started again (a second
+    "Findings:" header, seen on the real abdominal CT: the first try broke off mid-sentence)
+    keeps its last start only."""
     match = _SECTION.match(text)
     if match is None:
-        return text.replace("Findings:", "").strip(), ""
-    return match["findings"].strip(), match["impression"].strip()
+        return _RESTART.split(text)[-1].strip(), ""
+    return _RESTART.split(match["findings"])[-1].strip(), match["impression"].strip()
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:

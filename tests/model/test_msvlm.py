@@ -293,3 +293,14 @@ def test_language_model_from_a_local_folder(tokenizer: Any, tmp_path: Path) -> N
     assert torch.equal(model.generate_ids([[model.encode_slices(view)]], max_new_tokens=6),
                        loaded.model.generate_ids([[loaded.encode_slices(view)]],
                                                  max_new_tokens=6))
+
+
+def test_a_findings_section_started_again_keeps_its_last_start() -> None:
+    """Generated text the model started again (seen on the real abdominal CT): the broken-off
+    first try is dropped, not shown to the radiologist as part of the findings."""
+    text = ("Findings: No emphysema. A central line is present, tip projecting overFindings: "
+            "Fibrotic sequelae in the left lung. The heart is enlarged.\nImpression: Cardiomegaly.")
+    assert parse_report(text) == ("Fibrotic sequelae in the left lung. The heart is enlarged.",
+                                  "Cardiomegaly.")
+    assert parse_report("Findings: A. findings: B.") == ("B.", "")
+    assert parse_report(format_report("No effusion.", "Normal.")) == ("No effusion.", "Normal.")
