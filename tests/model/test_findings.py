@@ -54,6 +54,20 @@ def test_thresholds_maximise_f1_and_are_used() -> None:
     assert decisions(probs, []).tolist() == (probs >= 0.5).long().tolist()
 
 
+def test_threshold_sits_mid_interval_in_logit_space() -> None:
+    """A saturated positive (0.9996) and the highest negative (0.5): the threshold is their
+    logit-space middle (~0.98), not 0.9996, so a positive study slightly less sure still counts."""
+    probs = torch.tensor([[0.9996], [0.9999], [0.5], [0.1]])
+    targets = torch.tensor([[1], [1], [0], [0]])
+    t = tune_thresholds(probs, targets)[0]
+    mid = torch.sigmoid(torch.logit(torch.tensor([0.5, 0.9996], dtype=torch.float64)).mean())
+    assert t == pytest.approx(float(mid), rel=1e-6) and 0.97 < t < 0.99
+    assert decisions(torch.tensor([[0.995], [0.6]]), [t]).tolist() == [[1], [0]]
+    # everyone positive (no probability below the best threshold) keeps the lowest probability
+    assert tune_thresholds(torch.tensor([[0.3], [0.8]]), torch.tensor([[1], [1]]))[0] == \
+        pytest.approx(0.3)
+
+
 def test_key_slices_are_per_view_and_heaviest_first() -> None:
     attention = torch.tensor([0.0, 0.5, 0.1, 0.05, 0.3, 0.05])  # view 0: 3 slices, view 1: 3
     keys = key_slices(attention, [3, 3], 1)
