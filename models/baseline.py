@@ -14,7 +14,8 @@ from torch import nn
 
 
 class Patch3DEncoder(nn.Module):
-    """Volumetric encoder: ``(S, C, H, W)`` -> ``(depth // patch_depth, D)`` slab embeddings.
+    """Volumetric encoder: ``(S, C, H, W)`` -> ``(depth // patch_depth, D)`` slab embeddings
+    (``MSVLM.encode_slices`` gives each slice its slab's embedding).
 
     Parameters
     ----------
@@ -47,11 +48,12 @@ class Patch3DEncoder(nn.Module):
         self.decoder = nn.Linear(hidden, channels * patch_depth * patch_size * patch_size)
         self.patch_size = patch_size
 
-    def slab_positions(self, z_mm: torch.Tensor) -> torch.Tensor:
-        """z (mm) of each slab centre, from the original slice positions ``(S,)``."""
-        z = F.interpolate(z_mm.float()[None, None], size=self.depth, mode="linear",
-                          align_corners=True)[0, 0]  # (depth,)
-        return z.view(-1, self.patch_depth).mean(dim=1)  # (depth / patch_depth,)
+    def slab_of_slices(self, num_slices: int) -> torch.Tensor:
+        """For each original slice ``(S,)`` the slab its resampled position falls in, so each
+        slice carries its slab's embedding (the Z-former, the finding head's attention and the
+        key slices then work per slice, as for the slice encoders)."""
+        position = torch.linspace(0, self.depth - 1, num_slices)  # align_corners resampling
+        return (position / self.patch_depth).floor().long().clamp_max(self.grid[0] - 1)
 
     def _resample(self, volume: torch.Tensor) -> torch.Tensor:
         x = volume.permute(1, 0, 2, 3)[None]  # (1, C, S, H, W)

@@ -432,8 +432,9 @@ class MSVLM(nn.Module):
         with context:
             if volumetric:  # the 3D-patch baseline sees the whole volume at once
                 x = preprocess(view.pixels, view.modality, self.config, self.device)
-                chunks.append(self.vision_tower(x))  # (slabs, Dv)
-                z = self.vision_tower.slab_positions(z)
+                slabs = self.vision_tower(x)  # (slabs, Dv); each slice gets its slab's
+                chunks.append(slabs[self.vision_tower.slab_of_slices(view.num_slices).to(
+                    slabs.device)])
             elif raw:  # the tower's fixed lower part reads the values (HU) itself
                 feats = self.vision_tower.lower_view(view.pixels, view.modality, view.z_mm,
                                                      view.pixel_spacing_mm,

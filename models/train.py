@@ -215,7 +215,10 @@ def encode_sampled(model: MSVLM, studies: list[list[Any]], grad_slices: int,
     """Slice embeddings of ``studies`` (lists of views) where only a sample of each view's slices
     carries gradients: all slices are encoded without them, the head's attention picks half of
     the ``grad_slices`` (the slices it attends to most, for any label), the other half is drawn
-    at random, and those are encoded again with gradients."""
+    at random, and those are encoded again with gradients. The 3D-patch baseline, which sees
+    the whole volume at once, encodes every view with gradients."""
+    if getattr(model.vision_tower, "volumetric", False):  # one pass over the whole volume
+        return [[model.encode_slices(v, grad=True) for v in views] for views in studies]
     rng = np.random.default_rng(seed)
     base = [[model.encode_slices(v) for v in views] for views in studies]
     with torch.no_grad():

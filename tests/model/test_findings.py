@@ -15,8 +15,8 @@ from models.findings import FindingHead, decisions, key_slices, tune_thresholds
 from models.generator import ReportGenerator, build_tiny
 from models.msvlm import EncodedView
 from models.report import train_tokenizer
-from models.train import RunConfig, Trainer
-from tests.model.test_msvlm import REPORTS, TINY
+from models.train import RunConfig, Trainer, encode_sampled
+from tests.model.test_msvlm import REPORTS, TINY, make_view
 
 LABELS = ["Cardiomegaly", "Pleural effusion"]
 
@@ -66,6 +66,31 @@ def test_threshold_sits_mid_interval_in_logit_space() -> None:
     # everyone positive (no probability below the best threshold) keeps the lowest probability
     assert tune_thresholds(torch.tensor([[0.3], [0.8]]), torch.tensor([[1], [1]]))[0] == \
         pytest.approx(0.3)
+
+
+def test_3d_patch_baseline_gets_the_same_head_per_slice(tokenizer: Any) -> None:
+    """The 3D-patch baseline gives every slice its slab's embedding, so the head attends over
+    slices (key slices are slice indices a node maps to SOP instances), and the findings loss
+    trains the volumetric tower through the whole volume."""
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "encoder": "patch3d", "patch3d_depth": 8,
+                                     "patch3d_patch_depth": 4, "labels": LABELS,
+                                     "head_heads": 2})
+    view = make_view(13)
+    enc = model.encode_slices(view)
+    assert enc.embeddings.shape == (13, 32)
+    torch.testing.assert_close(enc.z_mm, torch.as_tensor(view.z_mm, dtype=torch.float32))
+    slab = model.vision_tower.slab_of_slices(13)
+    assert slab.tolist() == sorted(slab.tolist()) and set(slab.tolist()) == {0, 1}
+    assert torch.equal(enc.embeddings[0], enc.embeddings[1])  # same slab
+    assert not torch.equal(enc.embeddings[0], enc.embeddings[-1])  # the other slab
+    found = model.findings([[enc]])
+    assert found.attention.shape[-1] == 13
+    encoded = encode_sampled(model, [[view]], grad_slices=4, seed=0)
+    loss = model.findings(encoded).logits.sum()
+    loss.backward()
+    grad = model.vision_tower.patch.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
 
 
 def test_key_slices_are_per_view_and_heaviest_first() -> None:

@@ -49,3 +49,14 @@ def test_memory_estimate_matches_the_readme(config: MSVLMConfig) -> None:
     assert 15 < with_ckpt["total_gib"] < 21
     assert 40 < without["total_gib"] < 50
     assert 74 < finetune_memory(config, batch=16, checkpointing=False)["total_gib"] < 80
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RUN.parent.glob("*.toml")))
+def test_every_shipped_run_file_is_valid(name: str) -> None:
+    """Each run file in runs/ parses, validates and builds its model (on the meta device): a
+    broken file would only show when someone starts an hour of training with it."""
+    path = RUN.parent / name
+    run = RunConfig.from_toml(tomllib.loads(path.read_text()), path)
+    assert run.stages
+    model = meta_model(MSVLMConfig.from_dict(run.model))
+    assert sum(p.numel() for p in model.parameters()) > 0
