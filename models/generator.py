@@ -182,22 +182,21 @@ class ReportGenerator:
         return [e.tobytes() + pack_codes(c) for e, c in zip(embeddings, codes)]
 
     def streamed_embeddings(self, records: Sequence[bytes], z_mm: np.ndarray,
-                            pixel_mm: tuple[float, float],
-                            shape: tuple[int, int]) -> torch.Tensor:
-        """``(S, Dv)`` embeddings of a view from its slices' :meth:`stream_records` (in slice
-        order), the whole-view cues filled in: what :meth:`encode_slices` gives."""
+                            pixel_mm: tuple[float, float], shape: tuple[int, int],
+                            phase: str = "unknown") -> torch.Tensor:
+        """``(S, Dv)`` embeddings of a view of ``phase`` from its slices' :meth:`stream_records`
+        (in slice order), the whole-view cues filled in: what :meth:`encode_slices` gives."""
         dim = self.model.config.vision_hidden
         emb = torch.from_numpy(np.stack([np.frombuffer(r[:4 * dim], dtype="<f4")
                                          for r in records]).astype(np.float32))
         if self.volume_cues:
-            from models.cnn import nodule_cues, unpack_codes
+            from models.cnn import unpack_codes
 
             tower: Any = self.model.vision_tower
             codes = np.stack([unpack_codes(r[4 * dim:]) for r in records])
-            cues = nodule_cues(codes, tower.grid_spacing(shape, pixel_mm, z_mm), tower.grid)
-            n = tower.grid * tower.grid
+            cues = tower.view_cues(codes, tower.grid_spacing(shape, pixel_mm, z_mm), phase)
             with torch.inference_mode():
-                emb[:, -n:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()
+                emb[:, -tower.view_cue_dim:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()
         return emb
 
     def report(self, encoded: Sequence[EncodedView], max_new_tokens: int | None = None,

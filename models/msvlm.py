@@ -38,6 +38,8 @@ class MSVLMConfig:
     pyramid_lesions: bool = False  # isolated spots in lung, gaps in contrast (needs detail)
     pyramid_dropout: float = 0.0  # on the pyramid MLP's hidden layer, while training
     pyramid_nodules: bool = False  # compact solid components in lung, in 3D (needs lesions)
+    # a second nodule cue, before the opening, in enhanced views only (needs nodules)
+    pyramid_enhanced_nodules: bool = False
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -353,7 +355,8 @@ class MSVLM(nn.Module):
                                         lesions=config.pyramid_lesions,
                                         matrix=config.image_size,
                                         dropout=config.pyramid_dropout,
-                                        nodules=config.pyramid_nodules)
+                                        nodules=config.pyramid_nodules,
+                                        enhanced_nodules=config.pyramid_enhanced_nodules)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder
 
@@ -438,7 +441,8 @@ class MSVLM(nn.Module):
             elif raw:  # the tower's fixed lower part reads the values (HU) itself
                 feats = self.vision_tower.lower_view(view.pixels, view.modality, view.z_mm,
                                                      view.pixel_spacing_mm,
-                                                     self.config.slice_batch, self.device)
+                                                     self.config.slice_batch, self.device,
+                                                     view.phase)
                 for start in range(0, view.num_slices, self.config.slice_batch):
                     chunks.append(self.vision_tower(
                         feats[start:start + self.config.slice_batch]))

@@ -463,7 +463,8 @@ class Trainer:
             tower: Any = self.model.vision_tower
             rows = []
             for v in study.load():
-                feats = tower.lower_view(v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm)
+                feats = tower.lower_view(v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm,
+                                         phase=v.phase)
                 rows.append((feats.half(), EncodedView(torch.empty(0), torch.as_tensor(
                     v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase)))
             self._lower[study.study_id] = rows

@@ -239,10 +239,10 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
     timings["load_s"] += time.perf_counter() - start
     start = time.perf_counter()
     spacing = [float(v) for v in first.PixelSpacing]
+    phase = classify.phase(first)
     embeddings = generator.streamed_embeddings(records, np.asarray(z), (spacing[0], spacing[1]),
-                                               (int(first.Rows), int(first.Columns)))
+                                               (int(first.Rows), int(first.Columns)), phase)
     timings["encode_s"] += time.perf_counter() - start
     view = EncodedView(embeddings, torch.as_tensor(z, dtype=torch.float32), str(first.Modality),
-                       classify.plane(first).value, classify.phase(first),
-                       str(first.SeriesInstanceUID))
+                       classify.plane(first).value, phase, str(first.SeriesInstanceUID))
     return [(view, view_headers)]

@@ -267,21 +267,51 @@ def test_nodule_cue_follows_a_spot_through_slices() -> None:
         PyramidSliceEncoder(64, detail=True, nodules=True)
 
 
+def test_enhanced_views_keep_a_small_nodule_the_opening_erases() -> None:
+    """``enhanced_nodules``: a 5 mm nodule (2 x 2 pixels on one slice) is gone after the
+    opening, so the first nodule cue misses it; the second finds it, in an enhanced view only
+    (without contrast a vessel fragment looks the same), and a vessel stays long either way."""
+    from models.cnn import PyramidSliceEncoder
+
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True, nodules=True,
+                              enhanced_nodules=True)
+    vol, z = _lung_volume()
+    zz, y, x = np.mgrid[:40, :128, :128] * 2.5
+    small = (zz - 50) ** 2 + (y - 161.25) ** 2 + (x - 241.25) ** 2 <= 3.0 ** 2  # right middle
+    assert small.sum() == 4
+    vol[small] = 35.0
+    arterial = enc.lower_view(vol, "CT", z, (2.5, 2.5), phase="arterial")
+    plain, enhanced = arterial[:, -18:-9], arterial[:, -9:]
+    assert float(plain[:, 4].max()) > 0.6  # the 8 mm nodule, in both cues
+    assert float(enhanced[:, 4].max()) >= float(plain[:, 4].max())  # nothing opened away
+    assert not plain[:, 5].any()  # the small one: erased by the opening
+    assert 0.4 < float(enhanced[20, 5]) < 0.6 and int((enhanced[:, 5] > 0).sum()) == 1
+    assert not plain[:, 3].any() and not enhanced[:, 3].any()  # the vessel
+    for phase in ("non_contrast", "unknown"):
+        other = enc.lower_view(vol, "CT", z, (2.5, 2.5), phase=phase)
+        assert torch.equal(other[:, :-9], arterial[:, :-9]) and not other[:, -9:].any()
+    assert enc.cue_dim == 54 and enc.view_cue_dim == 18
+    with pytest.raises(ValueError, match="pyramid_enhanced_nodules"):
+        PyramidSliceEncoder(64, detail=True, lesions=True, enhanced_nodules=True)
+
+
 def test_streamed_slices_get_the_whole_view_nodule_cue(tokenizer: Any) -> None:
     """Slices encoded one by one as they arrive (the stream keeps each slice's embedding and
     its codes) give, once the view is whole, the embeddings the whole view gives."""
     from models.view import View
 
     model = build_tiny(tokenizer, encoder="pyramid", pyramid_detail=True, pyramid_lesions=True,
-                       pyramid_nodules=True, image_size=128, vision_hidden=64, z_hidden=32,
-                       labels=LABELS)
+                       pyramid_nodules=True, pyramid_enhanced_nodules=True, image_size=128,
+                       vision_hidden=64, z_hidden=32, labels=LABELS)
     generator = ReportGenerator(model, tokenizer, {}, "test")
     vol, z = _lung_volume()
-    whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT")).embeddings
     records = [r for i in range(0, 40, 7) for r in generator.stream_records(vol[i:i + 7], "CT")]
-    streamed = generator.streamed_embeddings(records, z, (2.5, 2.5), (128, 128))
-    torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-4)
-    assert whole[20, -5] != whole[0, -5]  # the nodule's cell, cut by slice 20 only
+    for phase in ("arterial", "non_contrast"):  # the enhanced cue needs the view's phase
+        whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT", phase=phase)).embeddings
+        streamed = generator.streamed_embeddings(records, z, (2.5, 2.5), (128, 128), phase)
+        torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-4)
+        assert whole[20, -14] != whole[0, -14]  # the nodule's cell, cut by slice 20 only
+        assert (whole[20, -5] != whole[0, -5]) == (phase == "arterial")
 
 
 def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
