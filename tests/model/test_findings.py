@@ -295,23 +295,26 @@ def test_enhanced_views_keep_a_small_nodule_the_opening_erases() -> None:
         PyramidSliceEncoder(64, detail=True, lesions=True, enhanced_nodules=True)
 
 
-def test_streamed_slices_get_the_whole_view_nodule_cue(tokenizer: Any) -> None:
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_streamed_slices_get_the_whole_view_nodule_cue(tokenizer: Any, enhanced: bool) -> None:
     """Slices encoded one by one as they arrive (the stream keeps each slice's embedding and
     its codes) give, once the view is whole, the embeddings the whole view gives."""
     from models.view import View
 
     model = build_tiny(tokenizer, encoder="pyramid", pyramid_detail=True, pyramid_lesions=True,
-                       pyramid_nodules=True, pyramid_enhanced_nodules=True, image_size=128,
+                       pyramid_nodules=True, pyramid_enhanced_nodules=enhanced, image_size=128,
                        vision_hidden=64, z_hidden=32, labels=LABELS)
     generator = ReportGenerator(model, tokenizer, {}, "test")
     vol, z = _lung_volume()
     records = [r for i in range(0, 40, 7) for r in generator.stream_records(vol[i:i + 7], "CT")]
+    nodule = -14 if enhanced else -5  # the nodule's cell in the (first) nodule cue
     for phase in ("arterial", "non_contrast"):  # the enhanced cue needs the view's phase
         whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT", phase=phase)).embeddings
         streamed = generator.streamed_embeddings(records, z, (2.5, 2.5), (128, 128), phase)
         torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-4)
-        assert whole[20, -14] != whole[0, -14]  # the nodule's cell, cut by slice 20 only
-        assert (whole[20, -5] != whole[0, -5]) == (phase == "arterial")
+        assert whole[20, nodule] != whole[0, nodule]  # the nodule's cell, cut by slice 20 only
+        if enhanced:
+            assert (whole[20, -5] != whole[0, -5]) == (phase == "arterial")
 
 
 def test_the_head_reads_lesion_cues_as_their_maximum_over_slices() -> None:
