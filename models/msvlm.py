@@ -79,6 +79,10 @@ class MSVLMConfig:
     # of the slices' lesion cues (cell, size) and of their relative position along the view
     # (level), so the text can say which lung and lobe and how large (zero at start)
     finding_evidence: bool = False
+    # ``where`` from the k slices the head weighs most (each 1/k) instead of all its key
+    # weights: with hundreds of slices the soft weights are nearly flat, so the mean of the
+    # cues said little and the level was ~0.5 for every study (measured); 0: the soft weights
+    finding_evidence_slices: int = 0
     # per label "head" (the whole head's logit) or "cues" (its cue path alone), chosen on the
     # validation split ([findings] cue_choice); empty: the head for every label
     finding_sources: list[str] = field(default_factory=list)
@@ -491,13 +495,14 @@ class MSVLM(nn.Module):
         visual = self.multi_modal_projector(self.resampler(seq, key_valid))
         findings = self._head(seq, emb, valid) if self.finding_head is not None else None
         if findings is not None and self.evidence is not None:
-            findings.where = self._where(studies, emb, findings)
+            findings.where = self._where(studies, emb, findings, valid)
         return visual, findings
 
     def _where(self, studies: Sequence[Sequence[EncodedView]], emb: torch.Tensor,
-               findings: FindingOutput) -> torch.Tensor:
+               findings: FindingOutput, valid: torch.Tensor) -> torch.Tensor:
         """``(B, N, cue_dim + 1)``: per label the key-slice weights' mean of each slice's lesion
-        cues and its position along its view (0 first slice, 1 last)."""
+        cues and its position along its view (0 first slice, 1 last); with
+        ``finding_evidence_slices`` k the plain mean over the label's k top key slices."""
         L = emb.shape[1]
         rows = []
         for views in studies:
@@ -509,8 +514,12 @@ class MSVLM(nn.Module):
             rows.append(F.pad(row, (0, L - row.shape[0])))
         level = torch.stack(rows).to(emb.dtype)[..., None]  # (B, L, 1)
         cues = emb[..., emb.shape[-1] - self.cue_dim:]  # (B, L, C), C may be 0
-        return torch.einsum("bnl,blc->bnc", findings.key_weights.to(emb.dtype),
-                            torch.cat([cues, level], dim=-1))
+        weights = findings.key_weights.to(emb.dtype)  # (B, N, L)
+        k = min(self.config.finding_evidence_slices, L)
+        if k > 0:
+            top = weights.masked_fill(~valid[:, None, :], -1.0).topk(k, dim=-1).indices
+            weights = torch.zeros_like(weights).scatter_(-1, top, 1.0 / k)
+        return torch.einsum("bnl,blc->bnc", weights, torch.cat([cues, level], dim=-1))
 
     def visual_tokens(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
                                                                                 torch.Tensor]:

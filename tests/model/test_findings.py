@@ -146,6 +146,27 @@ def test_a_present_label_token_carries_where_the_head_found_it(tokenizer: Any) -
     assert model.evidence.weight.grad is not None and model.evidence.weight.grad.abs().sum() > 0
 
 
+def test_where_from_the_top_key_slice_names_that_slice(tokenizer: Any) -> None:
+    """``finding_evidence_slices = 1``: ``where`` is the top key slice's own level along its
+    view, not the soft mean (nearly 0.5 over hundreds of slices); in a batch with a shorter
+    study the padding is never the top slice."""
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
+                                     "finding_evidence": True,
+                                     "finding_evidence_slices": 1}).eval()
+    studies = [[encoded(9, seed=1)], [encoded(5, seed=2)]]
+    _, found = model.read(studies)
+    assert found is not None and found.where is not None
+    for b, n in enumerate((9, 5)):
+        top = found.key_weights[b].argmax(dim=-1)  # (N,)
+        assert bool((top < n).all())
+        torch.testing.assert_close(found.where[b, :, -1], top.float() / (n - 1))
+    model.config.finding_evidence_slices = 0
+    _, soft = model.read(studies)
+    assert soft.where is not None and not torch.allclose(soft.where[..., -1],
+                                                         found.where[..., -1])
+
+
 def test_report_only_ablation_has_no_label_tokens(tokenizer: Any) -> None:
     model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
                                      "condition_on_findings": False})
