@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,22 +163,18 @@ def unpack_codes(data: bytes) -> np.ndarray:
     return np.frombuffer(zlib.decompress(data[4:]), dtype=np.uint8).reshape(h, w)
 
 
-def nodule_cues(codes: np.ndarray, spacing_mm: tuple[float, float, float],
-                grid: int, thin: bool = False) -> np.ndarray:
-    """``(S, grid*grid)`` float32 from one view's stacked :func:`slice_codes` and its voxel
-    size ``(dz, dy, dx)`` in mm: per slice and cell, the largest equivalent diameter (cm) of
-    the compact solid components (see :data:`NODULE_HU`) that the slice cuts and whose
-    centre lies in the cell; 0 where none. ``thin``: the solid tissue the opening removed
-    counts as well (:data:`ENHANCED_PHASES`)."""
+def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float],
+                       thin: bool = False) -> Iterator[tuple[tuple[slice, ...], float]]:
+    """The compact solid components inside the lung field of one view's stacked
+    :func:`slice_codes`: per component its bounding box ``(z, y, x)`` and volume (mm^3)."""
     from scipy import ndimage
 
     S, H, W = codes.shape
     dz, dy, dx = (abs(float(v)) for v in spacing_mm)
-    out = np.zeros((S, grid * grid), dtype=np.float32)
     solid = (codes == NODULE_SOLID) | (codes == NODULE_THIN) if thin else codes == NODULE_SOLID
     labels, n = ndimage.label(solid, ndimage.generate_binary_structure(3, 3))
     if n == 0:
-        return out
+        return
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
@@ -194,12 +192,70 @@ def nodule_cues(codes: np.ndarray, spacing_mm: tuple[float, float, float],
         around = labels[grown] != k
         if (codes[grown][around] == NODULE_LUNG).mean() < NODULE_LUNG_SHARE:
             continue
+        yield box, volume
+
+
+def nodule_cues(codes: np.ndarray, spacing_mm: tuple[float, float, float],
+                grid: int, thin: bool = False) -> np.ndarray:
+    """``(S, grid*grid)`` float32 from one view's stacked :func:`slice_codes` and its voxel
+    size ``(dz, dy, dx)`` in mm: per slice and cell, the largest equivalent diameter (cm) of
+    the compact solid components (see :data:`NODULE_HU`) that the slice cuts and whose
+    centre lies in the cell; 0 where none. ``thin``: the solid tissue the opening removed
+    counts as well (:data:`ENHANCED_PHASES`)."""
+    S, H, W = codes.shape
+    out = np.zeros((S, grid * grid), dtype=np.float32)
+    for box, volume in _nodule_components(codes, spacing_mm, thin):
         row = min(int((box[1].start + box[1].stop) / 2 * grid // H), grid - 1)
         col = min(int((box[2].start + box[2].stop) / 2 * grid // W), grid - 1)
         cell = row * grid + col
         diameter_cm = (6 * volume / np.pi) ** (1 / 3) / 10
         out[box[0], cell] = np.maximum(out[box[0], cell], diameter_cm)
     return out
+
+
+# what :func:`nodule_sites` says of each component (one row each)
+SITE_COLUMNS = ("diameter_mm", "level", "side", "front")
+SITES_PER_VIEW = 2
+
+
+def nodule_sites(codes: np.ndarray, z_mm: np.ndarray, spacing_mm: tuple[float, float, float],
+                 top: int = 2) -> np.ndarray:
+    """``(K <= top, 4)`` float32, the largest compact solid components of an axial view
+    (:func:`nodule_cues`' components) placed against the lungs, largest first (see
+    :data:`SITE_COLUMNS`): equivalent diameter (mm); ``level``, the centre's height between the
+    lowest (0) and highest (1) slice with aerated lung; ``side``, its column against the lungs'
+    extent in columns (-1 first column of lung, +1 last: the patient's right and left on a
+    standard axial image); ``front``, its row likewise (-1 first row: anterior). The lungs are
+    the air the body surrounds, so the air around the patient does not count."""
+    from scipy import ndimage
+
+    S, H, W = codes.shape
+    found = sorted(_nodule_components(codes, spacing_mm), key=lambda c: -c[1])[:top]
+    if not found:
+        return np.zeros((0, len(SITE_COLUMNS)), dtype=np.float32)
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = ndimage.generate_binary_structure(2, 1)
+    air = codes == NODULE_LUNG
+    lung = air & ndimage.binary_fill_holes(~air, plane)  # per slice: air inside the body
+    per_slice = lung.sum(axis=(1, 2))
+    z = np.asarray(z_mm, dtype=np.float64)
+    rows_with, cols_with = lung.any(axis=(0, 2)), lung.any(axis=(0, 1))
+    if per_slice.max() == 0:
+        z_lo, z_hi, r_lo, r_hi, c_lo, c_hi = z.min(), z.max(), 0, H - 1, 0, W - 1
+    else:
+        aerated = z[per_slice >= 0.05 * per_slice.max()]
+        z_lo, z_hi = aerated.min(), aerated.max()
+        r_lo, r_hi = np.flatnonzero(rows_with)[[0, -1]]
+        c_lo, c_hi = np.flatnonzero(cols_with)[[0, -1]]
+    out = []
+    for box, volume in found:
+        zc = float(z[box[0]].mean())
+        rc, cc = (box[1].start + box[1].stop - 1) / 2, (box[2].start + box[2].stop - 1) / 2
+        out.append([(6 * volume / np.pi) ** (1 / 3),
+                    (zc - z_lo) / max(z_hi - z_lo, 1e-6),
+                    2 * (cc - c_lo) / max(c_hi - c_lo, 1) - 1,
+                    2 * (rc - r_lo) / max(r_hi - r_lo, 1) - 1])
+    return np.asarray(out, dtype=np.float32)
 
 
 def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -386,21 +442,35 @@ class PyramidSliceEncoder(nn.Module):
                         if phase in ENHANCED_PHASES else np.zeros_like(cues[0]))
         return np.concatenate(cues, axis=1)
 
+    def view_sites(self, codes: np.ndarray, z_mm: np.ndarray,
+                   spacing_mm: tuple[float, float, float], plane: str) -> np.ndarray:
+        """:func:`nodule_sites` of an axial view from its stacked :meth:`codes` (none for the
+        other planes, whose columns need not run from the patient's right to left, or
+        without ``nodules``)."""
+        if not self.nodules or plane != "axial":
+            return np.zeros((0, len(SITE_COLUMNS)), dtype=np.float32)
+        return nodule_sites(codes, z_mm, spacing_mm, SITES_PER_VIEW)
+
     @torch.no_grad()
     def lower_view(self, pixels: np.ndarray, modality: str, z_mm: np.ndarray,
                    pixel_mm: tuple[float, float], chunk: int = 64,
-                   device: torch.device | str = "cpu", phase: str = "unknown") -> torch.Tensor:
+                   device: torch.device | str = "cpu", phase: str = "unknown",
+                   plane: str | None = None) -> Any:
         """:meth:`lower` of a whole view ``(S, H, W)`` of ``phase``, ``chunk`` slices at a
-        time on ``device``, with the view's nodule cues filled in (``nodules``)."""
+        time on ``device``, with the view's nodule cues filled in (``nodules``). Given the
+        view's ``plane``, returns ``(features, sites)`` with its :meth:`view_sites`."""
         parts = [torch.as_tensor(pixels[i:i + chunk], device=device)
                  for i in range(0, len(pixels), chunk)]
         feats = torch.cat([self.lower(p, modality) for p in parts])
+        sites = np.zeros((0, len(SITE_COLUMNS)), dtype=np.float32)
         if self.nodules:
             codes = np.concatenate([self.codes(p, modality) for p in parts])
             spacing = self.grid_spacing(pixels.shape[-2:], pixel_mm, z_mm)
             feats[:, -self.view_cue_dim:] = torch.from_numpy(
                 self.view_cues(codes, spacing, phase)).to(feats)
-        return feats
+            if plane is not None:
+                sites = self.view_sites(codes, z_mm, spacing, plane)
+        return feats if plane is None else (feats, torch.from_numpy(sites))
 
     def volume_embedding(self, cues: torch.Tensor) -> torch.Tensor:
         """The embedding's last :attr:`view_cue_dim` values for ``(S, view_cue_dim)`` nodule

@@ -26,6 +26,7 @@ class FindingOutput:
     cue_logits: torch.Tensor | None = None  # (B, N): the cue path alone (its own loss)
     where: torch.Tensor | None = None  # (B, N, C+1): MSVLM.read with finding_evidence
     cue_slices: torch.Tensor | None = None  # (B, N, L): each slice's share of the cue path
+    sites: torch.Tensor | None = None  # (B, K, 4): MSVLM.read with finding_sites
 
     @property
     def key_weights(self) -> torch.Tensor:

@@ -199,6 +199,22 @@ class ReportGenerator:
                 emb[:, -tower.view_cue_dim:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()
         return emb
 
+    def streamed_sites(self, records: Sequence[bytes], z_mm: np.ndarray,
+                       pixel_mm: tuple[float, float], shape: tuple[int, int],
+                       plane: str) -> torch.Tensor | None:
+        """The view's nodule sites (``[model] finding_sites``) from its slices'
+        :meth:`stream_records`, as :meth:`encode_slices` finds them; None when the model
+        reads none."""
+        if not (self.volume_cues and self.model.config.finding_sites):
+            return None
+        from models.cnn import unpack_codes
+
+        dim = self.model.config.vision_hidden
+        tower: Any = self.model.vision_tower
+        codes = np.stack([unpack_codes(r[4 * dim:]) for r in records])
+        return torch.from_numpy(tower.view_sites(codes, z_mm, tower.grid_spacing(
+            shape, pixel_mm, z_mm), plane))
+
     def report(self, encoded: Sequence[EncodedView], max_new_tokens: int | None = None,
                timings: dict[str, float] | None = None) -> Report:
         """Write the report for one study from its encoded views."""

@@ -83,6 +83,13 @@ class MSVLMConfig:
     # weights: with hundreds of slices the soft weights are nearly flat, so the mean of the
     # cues said little and the level was ~0.5 for every study (measured); 0: the soft weights
     finding_evidence_slices: int = 0
+    # tokens after the label tokens placing the largest compact solid components the axial
+    # views hold (models/cnn.py nodule_sites: size, level between lung base and apex, side,
+    # front-back; each binned, one learned embedding per bin), given while
+    # ``finding_sites_label`` is stated present (the others read "none"), so the text can copy
+    # the place and size rather than infer them from a pooled vector; 0: none
+    finding_sites: int = 0
+    finding_sites_label: str = "Lung nodule"
     # per label "head" (the whole head's logit) or "cues" (its cue path alone), chosen on the
     # validation split ([findings] cue_choice); empty: the head for every label
     finding_sources: list[str] = field(default_factory=list)
@@ -333,6 +340,64 @@ class EncodedView:
     plane: str
     phase: str
     series_instance_uid: str = ""
+    # ``(K, 4)`` compact solid components of the view (models/cnn.py nodule_sites); None for a
+    # tower that finds none
+    sites: torch.Tensor | None = None
+
+
+# bin edges of each site column (models/cnn.py SITE_COLUMNS): diameter (mm), level (0 lung
+# base .. 1 apex), side (-1 .. 1, patient right to left on an axial image), front (-1 anterior)
+SITE_BINS: tuple[tuple[float, ...], ...] = (
+    (5.0, 7.0, 9.0, 12.0, 16.0, 20.0),
+    tuple(float(v) for v in np.linspace(0.1, 0.9, 9)),
+    (-0.5, 0.0, 0.5),
+    (-0.5, 0.0, 0.5))
+
+
+class SiteTokens(nn.Module):
+    """``(B, K, 4)`` sites (diameter 0: none) -> ``(B, K, D)`` LM tokens: per site the sum of
+    one learned embedding per binned column and of its slot; an absent site (or one the label
+    state hides) is the learned "none" token of its slot."""
+
+    def __init__(self, slots: int, width: int) -> None:
+        super().__init__()
+        self.columns = nn.ModuleList(nn.Embedding(len(edges) + 1, width) for edges in SITE_BINS)
+        self.slots = nn.Embedding(slots, width)
+        self.none = nn.Parameter(torch.zeros(width))
+        for module in [*self.columns, self.slots]:
+            nn.init.normal_(module.weight, std=0.02)
+        for i, edges in enumerate(SITE_BINS):
+            self.register_buffer(f"edges{i}", torch.tensor(edges), persistent=False)
+
+    def forward(self, sites: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        """``shown (B,)``: whether the sites are given at all (the label is stated present)."""
+        out = self.slots.weight[None, : sites.shape[1]].expand(sites.shape[0], -1, -1)
+        parts = [emb(torch.bucketize(sites[..., i].contiguous(), getattr(self, f"edges{i}")))
+                 for i, emb in enumerate(self.columns)]
+        present = (sites[..., 0] > 0) & shown[:, None]
+        return out + torch.where(present[..., None], sum(parts), self.none.expand_as(out))
+
+
+def study_sites(studies: Sequence[Sequence[EncodedView]], slots: int,
+                device: torch.device) -> torch.Tensor:
+    """``(B, slots, 4)``: per study the largest sites over its views, largest first; a site
+    within 0.1 of a larger one in level and 0.2 in side and front (the same component in
+    another phase) is dropped; rows of zeros where fewer."""
+    out = torch.zeros(len(studies), slots, 4, device=device)
+    for b, views in enumerate(studies):
+        found = [v.sites for v in views if v.sites is not None and len(v.sites)]
+        if not found:
+            continue
+        rows = torch.cat(found).float().to(device)
+        kept: list[torch.Tensor] = []
+        for row in rows[rows[:, 0].argsort(descending=True)]:
+            if all((row[1] - k[1]).abs() >= 0.1 or (row[2:] - k[2:]).abs().max() >= 0.2
+                   for k in kept):
+                kept.append(row)
+            if len(kept) == slots:
+                break
+        out[b, : len(kept)] = torch.stack(kept)
+    return out
 
 
 class MSVLM(nn.Module):
@@ -383,6 +448,7 @@ class MSVLM(nn.Module):
         self.finding_head: FindingHead | None = None
         self.label_tokens: nn.Embedding | None = None
         self.evidence: nn.Linear | None = None
+        self.site_tokens: SiteTokens | None = None
         if config.labels:
             if config.finding_thresholds and len(config.finding_thresholds) != len(config.labels):
                 raise ValueError("Invalid 'finding_thresholds' - one per label")
@@ -400,6 +466,11 @@ class MSVLM(nn.Module):
                     self.evidence = nn.Linear(self.cue_dim + 1, lm_width)
                     nn.init.zeros_(self.evidence.weight)
                     nn.init.zeros_(self.evidence.bias)
+                if config.finding_sites:
+                    if config.finding_sites_label not in config.labels:
+                        raise ValueError(f"Invalid 'finding_sites_label' "
+                                         f"{config.finding_sites_label!r} - not in 'labels'")
+                    self.site_tokens = SiteTokens(config.finding_sites, lm_width)
         if config.freeze_vision:
             self.vision_tower.requires_grad_(False)
 
@@ -436,6 +507,7 @@ class MSVLM(nn.Module):
         volumetric = bool(getattr(self.vision_tower, "volumetric", False))
         raw = bool(getattr(self.vision_tower, "raw_input", False))
         context = torch.enable_grad() if grad else torch.inference_mode()
+        sites: torch.Tensor | None = None
         with context:
             if volumetric:  # the 3D-patch baseline sees the whole volume at once
                 x = preprocess(view.pixels, view.modality, self.config, self.device)
@@ -443,10 +515,12 @@ class MSVLM(nn.Module):
                 chunks.append(slabs[self.vision_tower.slab_of_slices(view.num_slices).to(
                     slabs.device)])
             elif raw:  # the tower's fixed lower part reads the values (HU) itself
-                feats = self.vision_tower.lower_view(view.pixels, view.modality, view.z_mm,
-                                                     view.pixel_spacing_mm,
-                                                     self.config.slice_batch, self.device,
-                                                     view.phase)
+                feats = self.vision_tower.lower_view(
+                    view.pixels, view.modality, view.z_mm, view.pixel_spacing_mm,
+                    self.config.slice_batch, self.device, view.phase,
+                    plane=view.plane if self.config.finding_sites else None)
+                if self.config.finding_sites:
+                    feats, sites = feats
                 for start in range(0, view.num_slices, self.config.slice_batch):
                     chunks.append(self.vision_tower(
                         feats[start:start + self.config.slice_batch]))
@@ -458,8 +532,9 @@ class MSVLM(nn.Module):
         emb = torch.cat(chunks)  # (S, Dv)
         if not grad:
             emb, z = emb.clone(), z.clone()  # leave inference mode
+        sites = sites.clone() if sites is not None else None
         return EncodedView(emb, z, view.modality, view.plane, view.phase,
-                           view.series_instance_uid)
+                           view.series_instance_uid, sites)
 
     # -- decode: embeddings of all views -> visual tokens -> text ------------------------------------
     def collate(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor, ...]:
@@ -496,6 +571,8 @@ class MSVLM(nn.Module):
         findings = self._head(seq, emb, valid) if self.finding_head is not None else None
         if findings is not None and self.evidence is not None:
             findings.where = self._where(studies, emb, findings, valid)
+        if findings is not None and self.site_tokens is not None:
+            findings.sites = study_sites(studies, self.config.finding_sites, self.device)
         return visual, findings
 
     def _where(self, studies: Sequence[Sequence[EncodedView]], emb: torch.Tensor,
@@ -546,11 +623,13 @@ class MSVLM(nn.Module):
         return decisions(findings.logits.sigmoid(), self.config.finding_thresholds)
 
     def prefix(self, visual: torch.Tensor, states: torch.Tensor | None,
-               where: torch.Tensor | None = None) -> torch.Tensor:
+               where: torch.Tensor | None = None,
+               sites: torch.Tensor | None = None) -> torch.Tensor:
         """What the LM reads before BOS: the visual tokens, then (when the model is conditioned
         on its findings) one token per label saying present or absent, ``(B, Q[+N], D_lm)``;
         with ``finding_evidence`` a present label's token also carries ``where``
-        (:meth:`read`)."""
+        (:meth:`read`); with ``finding_sites`` K tokens placing the view's components follow
+        (:class:`SiteTokens`, shown while ``finding_sites_label`` is stated present)."""
         if self.label_tokens is None:
             return visual
         if states is None:
@@ -561,7 +640,13 @@ class MSVLM(nn.Module):
         if self.evidence is not None and where is not None:
             tokens = tokens + states[..., None].to(visual.dtype) * self.evidence(
                 where.to(visual.dtype))
-        return torch.cat([visual, tokens], dim=1)
+        parts = [visual, tokens]
+        if self.site_tokens is not None:
+            if sites is None:
+                sites = visual.new_zeros(visual.shape[0], self.config.finding_sites, 4)
+            shown = states[:, self.config.labels.index(self.config.finding_sites_label)] > 0
+            parts.append(self.site_tokens(sites.to(visual.dtype), shown).to(visual.dtype))
+        return torch.cat(parts, dim=1)
 
     def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, label_states: torch.Tensor | None = None
@@ -573,7 +658,8 @@ class MSVLM(nn.Module):
         if label_states is None and self.label_tokens is not None and findings is not None:
             label_states = self.decide(findings)
         prefix = self.prefix(visual, label_states,
-                             findings.where if findings is not None else None)  # (B, P, D)
+                             findings.where if findings is not None else None,
+                             findings.sites if findings is not None else None)  # (B, P, D)
         tokens = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+T, D)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
@@ -595,7 +681,8 @@ class MSVLM(nn.Module):
             label_states = self.decide(findings)
         self.last_findings, self.last_states = findings, label_states
         prefix = self.prefix(visual, label_states,
-                             findings.where if findings is not None else None)
+                             findings.where if findings is not None else None,
+                             findings.sites if findings is not None else None)
         bos = torch.full((visual.shape[0], 1), self.special_ids["bos"], device=self.device)
         embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(bos)], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)

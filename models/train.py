@@ -207,7 +207,7 @@ def upper_views(model: MSVLM, lower: list[tuple[torch.Tensor, EncodedView]]
                 ) -> list[EncodedView]:
     """A two-part tower's upper part on one study's cached lower features (``Trainer.lower``)."""
     return [EncodedView(model.vision_tower(f.float()), e.z_mm.to(f.device), e.modality, e.plane,
-                        e.phase) for f, e in lower]
+                        e.phase, sites=e.sites) for f, e in lower]
 
 
 def encode_sampled(model: MSVLM, studies: list[list[Any]], grad_slices: int,
@@ -240,7 +240,8 @@ def encode_sampled(model: MSVLM, studies: list[list[Any]], grad_slices: int,
             x = preprocess(view.pixels[idx], view.modality, model.config, model.device)
             emb = enc.embeddings.index_put(
                 (torch.as_tensor(idx, device=model.device),), model.vision_tower(x))
-            row.append(EncodedView(emb, enc.z_mm, enc.modality, enc.plane, enc.phase))
+            row.append(EncodedView(emb, enc.z_mm, enc.modality, enc.plane, enc.phase,
+                                   sites=enc.sites))
         out.append(row)
     return out
 
@@ -312,7 +313,9 @@ class Trainer:
     def _cache_dir(self) -> Path:
         if self._encoder_hash is None:
             self._encoder_hash = _state_hash(self.model.vision_tower)
-        return self.out / "cache" / f"{self.data.fingerprint}-{self._encoder_hash}"
+        # a cache written without sites (finding_sites) must not serve a run that needs them
+        sites = f"-sites{self.config.finding_sites}" if self.config.finding_sites else ""
+        return self.out / "cache" / f"{self.data.fingerprint}-{self._encoder_hash}{sites}"
 
     def reset_cache(self) -> None:
         """Forget in-memory embeddings and the encoder hash (after the encoder changed)."""
@@ -328,22 +331,23 @@ class Trainer:
         folder = self._cache_dir()
         path = folder / f"{hashlib.sha256(study.study_id.encode()).hexdigest()[:24]}.pt"
         if path.exists():
-            rows = torch.load(path, map_location=self.device, weights_only=False)
+            rows = [(*r, None) if len(r) == 5 else r  # written before sites existed
+                    for r in torch.load(path, map_location=self.device, weights_only=False)]
         elif study.study_id in self._lower:  # the findings stage's lower features: no reload
             self.model.eval()
             with torch.no_grad():
                 rows = [(self.model.vision_tower(f.float()), e.z_mm, e.modality, e.plane,
-                         e.phase) for f, e in self.lower(study)]
+                         e.phase, e.sites) for f, e in self.lower(study)]
         else:
             self.model.eval()
-            rows = [(e.embeddings, e.z_mm, e.modality, e.plane, e.phase)
+            rows = [(e.embeddings, e.z_mm, e.modality, e.plane, e.phase, e.sites)
                     for e in (self.model.encode_slices(v) for v in study.load())]
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{self.rank}.tmp")
-            torch.save([(a.cpu(), b.cpu(), c, d, e) for a, b, c, d, e in rows], tmp)
+            torch.save([(a.cpu(), b.cpu(), c, d, e, f) for a, b, c, d, e, f in rows], tmp)
             os.replace(tmp, path)
-        views = [EncodedView(a.to(self.device), b.to(self.device), c, d, e) for a, b, c, d, e
-                 in rows]
+        views = [EncodedView(a.to(self.device), b.to(self.device), c, d, e, sites=f)
+                 for a, b, c, d, e, f in rows]
         self._cache[study.study_id] = views
         return views
 
@@ -420,6 +424,8 @@ class Trainer:
             m.label_tokens.requires_grad_(True)
         if m.evidence is not None:
             m.evidence.requires_grad_(True)
+        if m.site_tokens is not None:
+            m.site_tokens.requires_grad_(True)
         if stage == "finetune":
             if m.finding_head is None:  # with a head the Z-former stays as the head learned it
                 m.z_former.requires_grad_(True)
@@ -462,11 +468,13 @@ class Trainer:
         if study.study_id not in self._lower:
             tower: Any = self.model.vision_tower
             rows = []
+            sited = bool(self.config.finding_sites)
             for v in study.load():
                 feats = tower.lower_view(v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm,
-                                         phase=v.phase)
+                                         phase=v.phase, plane=v.plane if sited else None)
+                feats, sites = feats if sited else (feats, None)
                 rows.append((feats.half(), EncodedView(torch.empty(0), torch.as_tensor(
-                    v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase)))
+                    v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase, sites=sites)))
             self._lower[study.study_id] = rows
         return [(f.to(self.device), e) for f, e in self._lower[study.study_id]]
 
@@ -684,13 +692,13 @@ class Trainer:
             torch.distributed.barrier()
 
     def _load_weights(self, path: Path) -> None:
-        """A finished stage's weights; label tokens and their evidence may differ (a
+        """A finished stage's weights; label tokens, their evidence and site tokens may differ (a
         report-only ablation reuses the findings stage of a findings-conditioned run),
         nothing else may."""
         state = torch.load(path, map_location=self.device, weights_only=True)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         other = [k for k in [*missing, *unexpected]
-                 if not k.startswith(("label_tokens.", "evidence."))]
+                 if not k.startswith(("label_tokens.", "evidence.", "site_tokens."))]
         if other:
             raise RuntimeError(f"{path}: weights do not match the model: {other[:5]}")
 

@@ -242,7 +242,10 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
     phase = classify.phase(first)
     embeddings = generator.streamed_embeddings(records, np.asarray(z), (spacing[0], spacing[1]),
                                                (int(first.Rows), int(first.Columns)), phase)
+    plane = classify.plane(first).value
+    sites = generator.streamed_sites(records, np.asarray(z), (spacing[0], spacing[1]),
+                                     (int(first.Rows), int(first.Columns)), plane)
     timings["encode_s"] += time.perf_counter() - start
     view = EncodedView(embeddings, torch.as_tensor(z, dtype=torch.float32), str(first.Modality),
-                       classify.plane(first).value, phase, str(first.SeriesInstanceUID))
+                       plane, phase, str(first.SeriesInstanceUID), sites)
     return [(view, view_headers)]

@@ -59,6 +59,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--labeler", type=Path, default=None,
                    help="local text-classifier folder (default: the rule labeler)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    p.add_argument("--per-study", type=Path, default=None, metavar="FILE.jsonl",
+                   help="also write one JSON line per study (and mode): reference and draft, "
+                        "the head's positive labels, and with --phantoms the true nodules and "
+                        "the nodule sites the model was given")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -240,6 +244,7 @@ def cmd_evaluate_phantoms(args: argparse.Namespace) -> int:
         encoded.append([generator.encode_slices(v) for v in case.views])
     labeler = make_labeler(args.labeler)
     results: dict[str, Any] = {}
+    lines: list[dict[str, Any]] = []
     for mode in modes:
         pairs, reports, hits = [], [], []
         for i, case in enumerate(tqdm(cases, desc=mode, unit="study")):
@@ -255,6 +260,14 @@ def cmd_evaluate_phantoms(args: argparse.Namespace) -> int:
             reports.append(report)
             pairs.append(ReportPair(case.study_id, case.findings, case.impression,
                                     report.findings, report.impression))
+            if args.per_study:
+                found = generator.model.last_findings
+                sites = found.sites if found is not None else None
+                lines.append({**_study_line(pairs[-1], report), "mode": mode,
+                              "nodules": [vars(n) for n in case.nodules],
+                              "sites": [] if sites is None else [
+                                  [round(float(v), 3) for v in row] for row in sites[0]
+                                  if float(row[0]) > 0]})
             if mode != "swapped":
                 hits += list(key_slice_hit(case, report, views).values())
         metrics = evaluate_reports(pairs, labeler, meteor=not args.no_meteor)
@@ -270,12 +283,28 @@ def cmd_evaluate_phantoms(args: argparse.Namespace) -> int:
         results[mode] = metrics
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    _write_lines(args.per_study, lines)
     table = "\n".join(markdown_table(m, f"{args.checkpoint}: {mode} (phantom seed "
                                         f"{args.phantom_seed}, {m['n_studies']} studies)")
                       for mode, m in results.items())
     args.out.with_suffix(".md").write_text(table)
     print(table, end="")
     return 0
+
+
+def _study_line(pair: Any, report: Any = None) -> dict[str, Any]:
+    """One study of ``evaluate --per-study``: the texts and the head's positive labels."""
+    line = {"study_id": pair.study_id, "reference": f"{pair.ref_findings}\n{pair.ref_impression}",
+            "draft": f"{pair.pred_findings}\n{pair.pred_impression}"}
+    if report is not None:
+        line["head_positive"] = [f.label for f in report.positive]
+    return line
+
+
+def _write_lines(path: Path | None, lines: list[dict[str, Any]]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -287,7 +316,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.evaluate import ReportPair, evaluate_reports, markdown_table
     from models.labeler import make_labeler
 
-    pairs = []
+    pairs, lines = [], []
     if args.predictions:
         predicted = _predictions(args.predictions)
         studies = list(read_ctrate(args.data, args.split, load_views=False))
@@ -309,11 +338,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             report = generator.generate(views)
             pairs.append(ReportPair(s.study_id, s.findings, s.impression, report.findings,
                                     report.impression))
+            lines.append(_study_line(pairs[-1], report))
     metrics = evaluate_reports(pairs, make_labeler(args.labeler), meteor=not args.no_meteor)
     metrics["source"] = str(args.predictions or args.checkpoint)
     metrics["views"] = args.views
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2))
+    _write_lines(args.per_study, lines or [_study_line(p) for p in pairs])
     table = markdown_table(metrics, f"Evaluation of {metrics['source']} on {args.data}")
     args.out.with_suffix(".md").write_text(table)
     print(table, end="")

@@ -167,6 +167,43 @@ def test_where_from_the_top_key_slice_names_that_slice(tokenizer: Any) -> None:
                                                          found.where[..., -1])
 
 
+def test_site_tokens_place_a_nodule_only_while_it_is_stated(tokenizer: Any) -> None:
+    """``finding_sites``: K tokens after the label tokens say where the view's largest
+    components lie; two studies whose nodule lies on different sides differ in the first, the
+    empty second slot reads "none" in both; while the label is stated absent nothing of the
+    sites shows; the same component seen in a second phase is one site; training reaches the
+    embeddings."""
+    from models.msvlm import study_sites
+
+    torch.manual_seed(0)
+    labels = ["Lung nodule", "Cardiomegaly"]
+    model = build_tiny(tokenizer, **{**TINY, "labels": labels, "head_heads": 2,
+                                     "finding_sites": 2}).eval()
+    right, left, twin = encoded(6), encoded(6, seed=1), encoded(5, seed=2)
+    right.sites = torch.tensor([[10.0, 0.8, -0.6, -0.4]])
+    left.sites = torch.tensor([[10.0, 0.8, 0.6, -0.4]])
+    twin.sites = torch.tensor([[9.5, 0.82, -0.55, -0.4], [6.0, 0.3, 0.5, 0.2]])
+    visual, found = model.read([[right], [left]])
+    assert found is not None and found.sites is not None
+    torch.testing.assert_close(found.sites[0], torch.tensor([[10.0, 0.8, -0.6, -0.4],
+                                                             [0.0, 0.0, 0.0, 0.0]]))
+    stated = model.prefix(visual, torch.tensor([[1, 0], [1, 0]]), None, found.sites)
+    assert stated.shape[1] == visual.shape[1] + 2 + 2
+    assert not torch.allclose(stated[0, -2], stated[1, -2])
+    torch.testing.assert_close(stated[0, -1], stated[1, -1])
+    absent = model.prefix(visual, torch.tensor([[0, 1], [0, 1]]), None, found.sites)
+    torch.testing.assert_close(absent[0, -2:], absent[1, -2:])
+    merged = study_sites([[right, twin]], 2, torch.device("cpu"))
+    assert merged[0, :, 0].tolist() == [10.0, 6.0]
+    ids = torch.tensor([[1, 5, 6, 2], [1, 5, 6, 2]])
+    model.train()
+    model([[right], [left]], ids, torch.ones_like(ids), torch.tensor([[1, 0], [1, 0]])).backward()
+    assert model.site_tokens is not None
+    assert model.site_tokens.columns[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="finding_sites_label"):
+        build_tiny(tokenizer, **{**TINY, "labels": LABELS, "finding_sites": 2})
+
+
 def test_report_only_ablation_has_no_label_tokens(tokenizer: Any) -> None:
     model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
                                      "condition_on_findings": False})
@@ -263,6 +300,51 @@ def _lung_volume() -> tuple[np.ndarray, np.ndarray]:
     vol[(z - 50) ** 2 + (y - 160) ** 2 + (x - 160) ** 2 <= 4.0 ** 2] = 35.0
     vol[(y - 160) ** 2 + (x - 75) ** 2 <= 4.0 ** 2] = 35.0
     return vol, np.arange(40) * 2.5
+
+
+def _chest_volume() -> tuple[np.ndarray, np.ndarray]:
+    """48 slices 2.5 mm apart, 2.5 mm pixels: a body of soft tissue in air with two lungs from
+    slice 4 to 43; a 10 mm nodule high, anterior, in the right lung (the image's left half), and
+    a vessel along z in the left lung."""
+    vol = np.full((48, 128, 128), -1000.0, dtype=np.float32)
+    z, y, x = np.mgrid[:48, :128, :128] * 2.5
+    vol[((x - 160) / 140) ** 2 + ((y - 160) / 100) ** 2 <= 1] = 40.0
+    lungs = (z >= 10) & (z <= 107.5) & (
+        (((x - 100) / 45) ** 2 + ((y - 160) / 70) ** 2 <= 1)
+        | (((x - 220) / 45) ** 2 + ((y - 160) / 70) ** 2 <= 1))
+    vol[lungs] = -860.0
+    vol[(z - 85) ** 2 + (y - 130) ** 2 + (x - 100) ** 2 <= 5.0 ** 2] = 35.0
+    vol[lungs & ((y - 170) ** 2 + (x - 220) ** 2 <= 4.0 ** 2)] = 35.0
+    return vol, np.arange(48) * 2.5
+
+
+def test_nodule_sites_place_the_nodule_against_the_lungs() -> None:
+    """``nodule_sites``: one site (the vessel is long), about 10 mm (9 once opened), at 0.77
+    of the way from the lung base to the apex, in the right lung (-0.57 from the lungs' middle
+    column) and in front (-0.43): the air around the body is not lung. Streamed slices give
+    the same sites; a coronal view has none (its columns need not run right to left)."""
+    from models.cnn import PyramidSliceEncoder, nodule_sites, slice_codes
+    from models.view import View
+
+    vol, z = _chest_volume()
+    [site] = nodule_sites(slice_codes(vol), z, (2.5, 2.5, 2.5))
+    assert 8.0 < site[0] < 11.0  # the opening trims a voxel off its rim
+    np.testing.assert_allclose(site[1:], [75 / 97.5, -0.57, -0.43], atol=0.05)
+    assert nodule_sites(slice_codes(vol[:, :, ::-1].copy()), z, (2.5, 2.5, 2.5))[0, 2] > 0.5
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True, nodules=True)
+    _, sites = enc.lower_view(vol, "CT", z, (2.5, 2.5), plane="axial")
+    np.testing.assert_allclose(sites.numpy(), [site])
+    assert len(enc.lower_view(vol, "CT", z, (2.5, 2.5), plane="coronal")[1]) == 0
+    tokenizer = train_tokenizer(REPORTS * 5, vocab_size=300)
+    model = build_tiny(tokenizer, encoder="pyramid", pyramid_detail=True, pyramid_lesions=True,
+                       pyramid_nodules=True, image_size=128, vision_hidden=64, z_hidden=32,
+                       labels=["Lung nodule"], finding_sites=2)
+    generator = ReportGenerator(model, tokenizer, {}, "test")
+    records = [r for i in range(0, 48, 7) for r in generator.stream_records(vol[i:i + 7], "CT")]
+    streamed = generator.streamed_sites(records, z, (2.5, 2.5), (128, 128), "axial")
+    whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT", "axial")).sites
+    assert whole is not None and streamed is not None
+    torch.testing.assert_close(streamed, whole)
 
 
 def test_nodule_cue_follows_a_spot_through_slices() -> None:

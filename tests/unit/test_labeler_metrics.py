@@ -118,8 +118,10 @@ def test_evaluate_command_with_predictions(tmp_path: Path) -> None:
             writer.writerow({k: row[k] for k in ("VolumeName", "Findings_EN", "Impressions_EN")})
     out = tmp_path / "eval.json"
     result = run_cli("evaluate", "--predictions", str(predictions), "--data", str(data),
-                     "--out", str(out))
+                     "--out", str(out), "--per-study", str(tmp_path / "studies.jsonl"))
     assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "studies.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(line["draft"] == line["reference"] for line in lines)
     metrics = json.loads(out.read_text())
     for key in ("n_studies", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",
                 "impression_bleu4", "impression_rouge_l", "ce_precision_macro",
@@ -139,3 +141,24 @@ def test_evaluate_command_with_predictions(tmp_path: Path) -> None:
     missing = run_cli("evaluate", "--checkpoint", str(tmp_path / "absent"), "--data", str(data),
                       "--out", str(tmp_path / "x.json"))
     assert missing.returncode == 2 and "not a folder" in missing.stderr
+
+
+def test_evaluate_on_phantoms_writes_each_study(tmp_path: Path) -> None:
+    """``evaluate --phantoms --per-study``: one line per study and mode with the reference, the
+    draft, the head's positive labels and the true nodules; "swapped" reads the next study's
+    images, so its draft is the one that study got."""
+    out = tmp_path / "eval.json"
+    result = run_cli("evaluate", "--checkpoint", "demo", "--phantoms", "3", "--phantom-seed",
+                     "77", "--modes", "all,swapped", "--no-meteor", "--device", "cpu", "--out",
+                     str(out), "--per-study", str(tmp_path / "studies.jsonl"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(json.loads(out.read_text())) == {"all", "swapped"}
+    lines = [json.loads(line) for line in (tmp_path / "studies.jsonl").read_text().splitlines()]
+    assert [line["mode"] for line in lines] == ["all"] * 3 + ["swapped"] * 3
+    drafts = {line["study_id"]: line["draft"] for line in lines if line["mode"] == "all"}
+    ids = list(drafts)
+    for i, line in enumerate(lines[3:]):
+        assert line["study_id"] == ids[i] and line["draft"] == drafts[ids[(i + 1) % 3]]
+    for line in lines:
+        assert line["draft"].strip() and isinstance(line["head_positive"], list)
+        assert isinstance(line["nodules"], list) and isinstance(line["sites"], list)
