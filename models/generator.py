@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.findings import key_slices
-from models.msvlm import MSVLM, EncodedView, MSVLMConfig
+from models.msvlm import MSVLM, EncodedView, MSVLMConfig, site_words
 from models.report import Finding, Report, load_tokenizer, parse_report, special_ids
 from models.view import View
 
@@ -264,4 +264,7 @@ class ReportGenerator:
 
 def build_tiny(tokenizer: Any, **overrides: Any) -> MSVLM:
     """A small model for tests and quick experiments."""
-    return MSVLM(MSVLMConfig(**overrides), len(tokenizer), special_ids(tokenizer))
+    config = MSVLMConfig(**overrides)
+    if config.finding_sites and not config.finding_site_words:
+        config.finding_site_words = site_words(tokenizer)
+    return MSVLM(config, len(tokenizer), special_ids(tokenizer))

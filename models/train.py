@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.data import Dataset, StudyItem
-from models.msvlm import MSVLM, EncodedView, MSVLMConfig, preprocess
+from models.msvlm import MSVLM, EncodedView, MSVLMConfig, preprocess, site_words
 from models.report import encode_targets, format_report, special_ids, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -263,6 +263,8 @@ class Trainer:
         torch.manual_seed(run.seed)
         self.config = MSVLMConfig.from_dict(run.model)
         self.tokenizer = self._tokenizer()
+        if self.config.finding_sites and not self.config.finding_site_words:
+            self.config.finding_site_words = site_words(self.tokenizer)
         self.model = MSVLM(self.config, len(self.tokenizer), special_ids(self.tokenizer))
         self.model.to(self.device)
         self.curves: dict[str, dict[str, list[float]]] = {}
@@ -426,6 +428,8 @@ class Trainer:
             m.evidence.requires_grad_(True)
         if m.site_tokens is not None:
             m.site_tokens.requires_grad_(True)
+        if m.site_bias is not None:
+            m.site_bias.requires_grad_(True)
         if stage == "finetune":
             if m.finding_head is None:  # with a head the Z-former stays as the head learned it
                 m.z_former.requires_grad_(True)
@@ -698,7 +702,8 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         other = [k for k in [*missing, *unexpected]
-                 if not k.startswith(("label_tokens.", "evidence.", "site_tokens."))]
+                 if not k.startswith(("label_tokens.", "evidence.", "site_tokens.",
+                                      "site_bias."))]
         if other:
             raise RuntimeError(f"{path}: weights do not match the model: {other[:5]}")
 

@@ -168,11 +168,11 @@ def test_where_from_the_top_key_slice_names_that_slice(tokenizer: Any) -> None:
 
 
 def test_site_tokens_place_a_nodule_only_while_it_is_stated(tokenizer: Any) -> None:
-    """``finding_sites``: K tokens after the label tokens say where the view's largest
-    components lie; two studies whose nodule lies on different sides differ in the first, the
-    empty second slot reads "none" in both; while the label is stated absent nothing of the
-    sites shows; the same component seen in a second phase is one site; training reaches the
-    embeddings."""
+    """``finding_sites``: after the label tokens four tokens per site say where the views'
+    largest components lie, the size and side as the LM's own words (" 10", " right" or
+    " left", so the text can copy them); the empty second slot reads "none" in both studies;
+    while the label is stated absent nothing of the sites shows; the same component seen in a
+    second phase is one site; training reaches the site embeddings."""
     from models.msvlm import study_sites
 
     torch.manual_seed(0)
@@ -180,28 +180,74 @@ def test_site_tokens_place_a_nodule_only_while_it_is_stated(tokenizer: Any) -> N
     model = build_tiny(tokenizer, **{**TINY, "labels": labels, "head_heads": 2,
                                      "finding_sites": 2}).eval()
     right, left, twin = encoded(6), encoded(6, seed=1), encoded(5, seed=2)
-    right.sites = torch.tensor([[10.0, 0.8, -0.6, -0.4]])
-    left.sites = torch.tensor([[10.0, 0.8, 0.6, -0.4]])
+    right.sites = torch.tensor([[10.2, 0.8, -0.6, -0.4]])
+    left.sites = torch.tensor([[9.8, 0.8, 0.6, -0.4]])
     twin.sites = torch.tensor([[9.5, 0.82, -0.55, -0.4], [6.0, 0.3, 0.5, 0.2]])
     visual, found = model.read([[right], [left]])
     assert found is not None and found.sites is not None
-    torch.testing.assert_close(found.sites[0], torch.tensor([[10.0, 0.8, -0.6, -0.4],
+    torch.testing.assert_close(found.sites[0], torch.tensor([[10.2, 0.8, -0.6, -0.4],
                                                              [0.0, 0.0, 0.0, 0.0]]))
     stated = model.prefix(visual, torch.tensor([[1, 0], [1, 0]]), None, found.sites)
-    assert stated.shape[1] == visual.shape[1] + 2 + 2
-    assert not torch.allclose(stated[0, -2], stated[1, -2])
-    torch.testing.assert_close(stated[0, -1], stated[1, -1])
+    assert stated.shape[1] == visual.shape[1] + 2 + 2 * 4
+
+    def word(text: str) -> torch.Tensor:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return model.language_model.get_input_embeddings().weight[ids].mean(dim=0)
+
+    first = stated[:, -8:-4]  # size, side, level, front of each study's first site
+    torch.testing.assert_close(first[0, 0], word(" 10"))
+    torch.testing.assert_close(first[1, 0], word(" 10"))
+    torch.testing.assert_close(first[0, 1], word(" right"))
+    torch.testing.assert_close(first[1, 1], word(" left"))
+    torch.testing.assert_close(first[0, 2:], first[1, 2:])  # same level and front
+    torch.testing.assert_close(stated[0, -4:], stated[1, -4:])  # no second site: "none"
     absent = model.prefix(visual, torch.tensor([[0, 1], [0, 1]]), None, found.sites)
-    torch.testing.assert_close(absent[0, -2:], absent[1, -2:])
+    torch.testing.assert_close(absent[0, -8:], absent[1, -8:])
+    assert not torch.allclose(absent[0, -7], word(" right"))
     merged = study_sites([[right, twin]], 2, torch.device("cpu"))
-    assert merged[0, :, 0].tolist() == [10.0, 6.0]
+    assert merged[0, :, 0].tolist() == pytest.approx([10.2, 6.0])
     ids = torch.tensor([[1, 5, 6, 2], [1, 5, 6, 2]])
     model.train()
     model([[right], [left]], ids, torch.ones_like(ids), torch.tensor([[1, 0], [1, 0]])).backward()
     assert model.site_tokens is not None
-    assert model.site_tokens.columns[2].weight.grad.abs().sum() > 0
+    assert model.site_tokens.level.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="finding_sites_label"):
         build_tiny(tokenizer, **{**TINY, "labels": LABELS, "finding_sites": 2})
+
+
+def test_site_bias_reaches_every_text_token(tokenizer: Any) -> None:
+    """``finding_site_bias``: the stated sites' map is added to every text token the LM embeds,
+    in training and at each generated step (not to the prefix), nothing while the label is
+    stated absent, and it is gone after the call; a fresh model adds zero."""
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "labels": ["Lung nodule", "Cardiomegaly"],
+                                     "head_heads": 2, "finding_sites": 2,
+                                     "finding_site_bias": True}).eval()
+    right = encoded(6)
+    right.sites = torch.tensor([[10.0, 0.8, -0.6, -0.4]])
+    ids = torch.tensor([[1, 5, 6, 2]])
+    stated, absent = torch.tensor([[1, 0]]), torch.tensor([[0, 0]])
+
+    def loss(view: EncodedView, states: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(model([[view]], ids, torch.ones_like(ids), states))
+
+    before = loss(right, stated), loss(right, absent)  # a fresh map adds zero
+    assert model.site_bias is not None
+    torch.nn.init.normal_(model.site_bias.weight)
+    assert loss(right, stated) != before[0] and loss(right, absent) == before[1]
+    sides = torch.tensor([[[10.0, 0.8, -0.6, -0.4], [0.0, 0.0, 0.0, 0.0]],
+                          [[10.0, 0.8, 0.6, -0.4], [0.0, 0.0, 0.0, 0.0]]])  # right, left
+    on = model.text_bias(torch.tensor([[1, 0], [1, 0]]), sides)
+    off = model.text_bias(torch.tensor([[0, 0], [0, 0]]), sides)
+    assert on is not None and off is not None
+    assert not torch.equal(on[0], on[1]) and torch.equal(off[0], off[1])
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    model.language_model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append((tuple(args[0].shape),
+                                               model._text_bias is not None)))
+    model.generate_ids([[right]], 5, stated)
+    assert seen == [((1, 1), True)] * 5 and model._text_bias is None  # BOS, then 4 steps
 
 
 def test_report_only_ablation_has_no_label_tokens(tokenizer: Any) -> None:
