@@ -63,6 +63,15 @@ class Labeler(Protocol):
         ...
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of the sentences the rule labeler reads one by one."""
+    spans, start = [], 0
+    for match in _SENTENCE.finditer(text):
+        spans.append((start, match.start()))
+        start = match.end()
+    return spans + [(start, len(text))]
+
+
 class RuleLabeler:
     """Sentence-level patterns with negation and uncertainty cues before the mention."""
 

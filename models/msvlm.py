@@ -729,11 +729,12 @@ class MSVLM(nn.Module):
         return self.site_bias(feats.flatten(1).float())
 
     def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, label_states: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                attention_mask: torch.Tensor, label_states: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced loss of ``input_ids (B, T)`` (BOS, report, EOS, padding) given the
         studies (and, for a conditioned model, the label states it is told; the head's own
-        decisions when None); the prefix and BOS carry no loss."""
+        decisions when None); the prefix and BOS carry no loss. ``token_weights (B, T)``: the
+        loss is the weighted mean over the predicted tokens (each weighs 1 without)."""
         visual, findings = self.read(studies)
         if label_states is None and self.label_tokens is not None and findings is not None:
             label_states = self.decide(findings)
@@ -751,8 +752,15 @@ class MSVLM(nn.Module):
         labels = torch.where(attention_mask.bool(), input_ids, -100)
         labels[:, 0] = -100  # BOS is given, not predicted
         labels = torch.cat([labels.new_full(prefix.shape[:2], -100), labels], dim=1)
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                   labels=labels).loss
+        if token_weights is None:
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                       labels=labels).loss
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        weights = torch.cat([token_weights.new_zeros(prefix.shape[:2]), token_weights], dim=1)
+        target, weights = labels[:, 1:], weights[:, 1:] * (labels[:, 1:] != -100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
+                               ignore_index=-100, reduction="none")
+        return (loss * weights.flatten()).sum() / weights.sum().clamp_min(1e-6)
 
     @torch.inference_mode()
     def generate_ids(self, studies: Sequence[Sequence[EncodedView]],

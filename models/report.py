@@ -98,6 +98,31 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
             "eos": int(tokenizer.eos_token_id)}
 
 
+def finding_weights(tokenizer: Any, texts: list[str], labeler: Any, weight: float,
+                    device: Any = "cpu") -> Any:
+    """``(B, T)`` loss weights aligned with :func:`encode_targets`: ``weight`` on the tokens of
+    each sentence the labeler finds a finding in (its place, size and side are said there),
+    1 elsewhere. A byte-level BPE token never spans two sentences, so the character offsets
+    place each token in its sentence."""
+    import torch
+
+    from models.labeler import sentence_spans
+
+    rows = []
+    for text in texts:
+        spans = [(a, b) for a, b in sentence_spans(text)
+                 if any(v == 1 for v in labeler.label(text[a:b]).values())]
+        offsets = tokenizer(text, add_special_tokens=False,
+                            return_offsets_mapping=True)["offset_mapping"]
+        rows.append([1.0] + [weight if any(a < end <= b for a, b in spans) else 1.0
+                             for _, end in offsets] + [1.0])
+    T = max(len(r) for r in rows)
+    out = torch.ones((len(rows), T))
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
 def encode_targets(tokenizer: Any, texts: list[str], device: Any = "cpu") -> tuple[Any, Any]:
     """``<s> text </s>`` padded on the right: ``(input_ids, attention_mask)``, both ``(B, T)``."""
     import torch

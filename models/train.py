@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from models.data import Dataset, StudyItem
 from models.msvlm import MSVLM, EncodedView, MSVLMConfig, preprocess, site_words
-from models.report import encode_targets, format_report, special_ids, train_tokenizer
+from models.report import (encode_targets, finding_weights, format_report, special_ids,
+                           train_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
                  "cue_fit": False, "cue_freeze": False, "cue_choice": False},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
-    "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0},
+    "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
+                 "finding_weight": 1.0},
 }
 COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20}
 
@@ -522,7 +524,15 @@ class Trainer:
                 flip = torch.as_tensor(rng.random(tuple(states.shape)) < noise)
                 states = torch.where(flip, 1 - states, states)
             states = states.to(self.device)
-        return ([self.encoded(s) for s in chosen], ids, mask, states)
+        weight = float(self.run.stage[self._stage].get("finding_weight", 1.0))
+        if weight == 1.0:
+            return ([self.encoded(s) for s in chosen], ids, mask, states)
+        if not hasattr(self, "_labeler"):
+            from models.labeler import RuleLabeler
+
+            self._labeler = RuleLabeler()
+        weights = finding_weights(self.tokenizer, texts, self._labeler, weight, self.device)
+        return ([self.encoded(s) for s in chosen], ids, mask, states, weights)
 
     def _loss(self, stage: str) -> Callable[..., torch.Tensor]:
         if stage == "pretrain" and not getattr(self.model.vision_tower, "volumetric", False):
@@ -565,8 +575,9 @@ class Trainer:
             return mem_loss
 
         def report_loss(model: MSVLM, studies: list[list[EncodedView]], ids: torch.Tensor,
-                        mask: torch.Tensor, states: torch.Tensor | None) -> torch.Tensor:
-            return model(studies, ids, mask, states)
+                        mask: torch.Tensor, states: torch.Tensor | None,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+            return model(studies, ids, mask, states, weights)
         return report_loss
 
     def run_stage(self, stage: str, stop_after: int | None = None) -> None:

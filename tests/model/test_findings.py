@@ -250,6 +250,33 @@ def test_site_bias_reaches_every_text_token(tokenizer: Any) -> None:
     assert seen == [((1, 1), True)] * 5 and model._text_bias is None  # BOS, then 4 steps
 
 
+def test_finding_sentences_weigh_more_in_the_report_loss(tokenizer: Any) -> None:
+    """``[finetune] finding_weight``: the tokens of a sentence that states a finding (where its
+    place and size are said) get the weight, "No ..." sentences, BOS and EOS 1; weights of 1
+    give the plain loss, and weighting the finding sentence moves the loss."""
+    from models.labeler import RuleLabeler
+    from models.report import encode_targets, finding_weights, format_report
+
+    text = format_report("No pleural effusion. A 14 mm solid nodule in the left upper lobe.",
+                         "Lung nodule.")
+    weights = finding_weights(tokenizer, [text, "No emphysema."], RuleLabeler(), 5.0)
+    ids, mask = encode_targets(tokenizer, [text, "No emphysema."])
+    assert weights.shape == ids.shape
+    pieces = tokenizer.convert_ids_to_tokens(ids[0])
+    heavy = "".join(p for p, w in zip(pieces, weights[0].tolist()) if w == 5.0)
+    assert heavy.replace("\u0120", " ").strip() == (
+        "A 14 mm solid nodule in the left upper lobe.Impression: Lung nodule.")  # not "\n"
+    assert weights[1].eq(1.0).all() and weights[0, 0] == 1.0
+    model = build_tiny(tokenizer, **TINY).eval()
+    views = [[encoded(4, seed=1)], [encoded(5, seed=2)]]
+    with torch.no_grad():
+        plain = model(views, ids, mask)
+        ones = model(views, ids, mask, None, torch.ones_like(weights))
+        weighted = model(views, ids, mask, None, weights)
+    torch.testing.assert_close(ones, plain)
+    assert not torch.isclose(weighted, plain)
+
+
 def test_report_only_ablation_has_no_label_tokens(tokenizer: Any) -> None:
     model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
                                      "condition_on_findings": False})
