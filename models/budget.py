@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from models.msvlm import MSVLM, MSVLMConfig
+from models.msvlm import MSVLM, SITE_WORDS, MSVLMConfig
 
 GIB = 2**30
 
@@ -24,6 +24,8 @@ def meta_model(config: MSVLMConfig, vocab_size: int = 32000) -> MSVLM:
     ``lm_path`` is replaced by the same shape's ``lm_config``)."""
     values = config.to_dict()
     values.update(lm_path=None, vision_path=None)
+    if values["finding_sites"] and not values["finding_site_words"]:  # shapes only: any ids
+        values["finding_site_words"] = {w: [0] for w in SITE_WORDS}
     with torch.device("meta"):
         return MSVLM(MSVLMConfig.from_dict(values), vocab_size,
                      {"pad": 0, "bos": 1, "eos": 2})

@@ -477,8 +477,14 @@ class PyramidSliceEncoder(nn.Module):
         cues (what :meth:`forward` makes of them), so a view whose slices were embedded one by
         one gets them once it is whole."""
         n = self.view_cue_dim
-        z = (cues.float().clamp_min(0).sqrt() - self.feature_mean[-n:]) / self.feature_std[-n:]
-        return torch.asinh(z)
+        # the very operations of forward on a full-width row (not on the n columns alone): a
+        # vectorised asinh differs from the scalar one in the last bit, and that bit flipped a
+        # near-tie in a draft between a streamed and a whole view (measured)
+        feats = cues.new_zeros(cues.shape[0], self.in_dim, dtype=torch.float32)
+        feats[:, -n:] = cues.float()
+        z = feats.clamp_min(0).sqrt()
+        z = (z - self.feature_mean.to(z.dtype)) / self.feature_std.to(z.dtype)
+        return torch.asinh(z[:, -self.cue_dim:])[:, -n:]
 
     def _cell_reduce(self, x: torch.Tensor, reduce: str) -> torch.Tensor:
         """``(S, H, W)`` -> ``(S, cells)``: per cell the maximum or the mean."""

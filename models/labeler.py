@@ -80,6 +80,11 @@ class RuleLabeler:
         self._neg = [re.compile(p, re.I) for p in NEGATION]
         self._unc = [re.compile(p, re.I) for p in UNCERTAINTY]
 
+    def mentions(self, text: str) -> set[str]:
+        """The labels ``text`` speaks of at all: stated, negated or uncertain."""
+        return {label for label, patterns in self._patterns.items()
+                if any(p.search(text) for p in patterns)}
+
     def label(self, text: str) -> dict[str, int]:
         out = {label: NEGATIVE for label in ALL_LABELS}
         for sentence in _SENTENCE.split(text):

@@ -361,14 +361,14 @@ SITE_SIZES_MM = range(3, 41)  # diameters written as a whole number of millimetr
 SITE_LEVEL_EDGES = tuple(float(v) for v in np.linspace(0.1, 0.9, 9))
 SITE_FRONT_EDGES = (-0.5, 0.0, 0.5)
 SITE_TOKENS = 4  # per site
+SITE_WORDS = ("right", "left", *(str(d) for d in SITE_SIZES_MM))
 
 
 def site_words(tokenizer: Any) -> dict[str, list[int]]:
     """The token ids of the words site tokens are made of (``[model] finding_site_words``):
     " right", " left" and each diameter in :data:`SITE_SIZES_MM` as the reports write it."""
-    words = ["right", "left", *(str(d) for d in SITE_SIZES_MM)]
     return {w: [int(i) for i in tokenizer.encode(f" {w}", add_special_tokens=False)]
-            for w in words}
+            for w in SITE_WORDS}
 
 
 class SiteTokens(nn.Module):
@@ -381,7 +381,7 @@ class SiteTokens(nn.Module):
 
     def __init__(self, slots: int, width: int, words: dict[str, list[int]]) -> None:
         super().__init__()
-        missing = {"right", "left", *(str(d) for d in SITE_SIZES_MM)} - set(words)
+        missing = set(SITE_WORDS) - set(words)
         if missing:
             raise ValueError(f"Invalid 'finding_site_words' - missing {sorted(missing)[:5]}")
         self.slots = slots
@@ -392,10 +392,9 @@ class SiteTokens(nn.Module):
         for module in (self.level, self.front, self.slot, self.none):
             nn.init.normal_(module.weight, std=0.02)
         # per word a row of its (at most 4) token ids and their averaging weights
-        names = ["right", "left", *(str(d) for d in SITE_SIZES_MM)]
-        ids = torch.zeros(len(names), 4, dtype=torch.long)
-        weights = torch.zeros(len(names), 4)
-        for row, name in enumerate(names):
+        ids = torch.zeros(len(SITE_WORDS), 4, dtype=torch.long)
+        weights = torch.zeros(len(SITE_WORDS), 4)
+        for row, name in enumerate(SITE_WORDS):
             pieces = words[name][:4]
             ids[row, : len(pieces)] = torch.tensor(pieces)
             weights[row, : len(pieces)] = 1.0 / len(pieces)
@@ -438,9 +437,12 @@ def study_sites(studies: Sequence[Sequence[EncodedView]], slots: int,
         found = [v.sites for v in views if v.sites is not None and len(v.sites)]
         if not found:
             continue
-        rows = torch.cat(found).float().to(device)
+        # largest first; ties (the same component in two phases) in a fixed order, so the
+        # order of the views or of a sort never changes the tokens
+        rows = sorted(torch.cat(found).float().to(device),
+                      key=lambda r: (-float(r[0]), *(float(v) for v in r[1:])))
         kept: list[torch.Tensor] = []
-        for row in rows[rows[:, 0].argsort(descending=True)]:
+        for row in rows:
             if all((row[1] - k[1]).abs() >= 0.1 or (row[2:] - k[2:]).abs().max() >= 0.2
                    for k in kept):
                 kept.append(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
@@ -99,11 +99,13 @@ def special_ids(tokenizer: Any) -> dict[str, int]:
 
 
 def finding_weights(tokenizer: Any, texts: list[str], labeler: Any, weight: float,
-                    device: Any = "cpu") -> Any:
+                    labels: Sequence[str] = (), device: Any = "cpu") -> Any:
     """``(B, T)`` loss weights aligned with :func:`encode_targets`: ``weight`` on the tokens of
-    each sentence the labeler finds a finding in (its place, size and side are said there),
-    1 elsewhere. A byte-level BPE token never spans two sentences, so the character offsets
-    place each token in its sentence."""
+    each sentence that speaks of one of ``labels`` at all (stated or negated, so the weight
+    does not tip the text towards stating them; where a nodule's place, size and side are
+    said), or with no ``labels`` each sentence that states any finding; 1 elsewhere. A
+    byte-level BPE token never spans two sentences, so the character offsets place each token
+    in its sentence."""
     import torch
 
     from models.labeler import sentence_spans
@@ -111,7 +113,8 @@ def finding_weights(tokenizer: Any, texts: list[str], labeler: Any, weight: floa
     rows = []
     for text in texts:
         spans = [(a, b) for a, b in sentence_spans(text)
-                 if any(v == 1 for v in labeler.label(text[a:b]).values())]
+                 if (labeler.mentions(text[a:b]) & set(labels) if labels else
+                     any(v == 1 for v in labeler.label(text[a:b]).values()))]
         offsets = tokenizer(text, add_special_tokens=False,
                             return_offsets_mapping=True)["offset_mapping"]
         rows.append([1.0] + [weight if any(a < end <= b for a, b in spans) else 1.0

@@ -62,7 +62,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
-                 "finding_weight": 1.0},
+                 "finding_weight": 1.0, "finding_weight_labels": []},
 }
 COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20}
 
@@ -531,7 +531,9 @@ class Trainer:
             from models.labeler import RuleLabeler
 
             self._labeler = RuleLabeler()
-        weights = finding_weights(self.tokenizer, texts, self._labeler, weight, self.device)
+        labels = list(self.run.stage[self._stage].get("finding_weight_labels", []))
+        weights = finding_weights(self.tokenizer, texts, self._labeler, weight, labels,
+                                  self.device)
         return ([self.encoded(s) for s in chosen], ids, mask, states, weights)
 
     def _loss(self, stage: str) -> Callable[..., torch.Tensor]:

@@ -453,7 +453,12 @@ def _read_single_frames(datasets: list[Dataset]) -> SeriesVolume:
     ordered, z_sorted = _order_single_frames(datasets)
     try:
         volume = hd.get_volume_from_series(datasets, dtype=np.float32)
-        pixels, z = _along_normal(volume)
+        pixels, grid = _along_normal(volume)
+        # each slice's own header position (as read_series_headers gives it, so a streamed
+        # series and the same series read whole place their slices identically); highdicom's
+        # regular grid differs from the DS strings in the fifth decimal, which flipped a
+        # near-tie in a draft (measured)
+        z = z_sorted if len(z_sorted) == len(grid) else grid
     except ValueError as exc:
         if "regularly-spaced" not in str(exc):
             raise

@@ -267,6 +267,17 @@ def test_finding_sentences_weigh_more_in_the_report_loss(tokenizer: Any) -> None
     assert heavy.replace("\u0120", " ").strip() == (
         "A 14 mm solid nodule in the left upper lobe.Impression: Lung nodule.")  # not "\n"
     assert weights[1].eq(1.0).all() and weights[0, 0] == 1.0
+    # limited to the nodule: its sentences weigh more whether they state or negate it, so the
+    # weight does not tip the text towards stating it; other findings weigh 1
+    negated = format_report("No lung nodules. Cardiomegaly is present.", "Cardiomegaly.")
+    only = finding_weights(tokenizer, [text, negated], RuleLabeler(), 5.0, ["Lung nodule"])
+    ids2, _ = encode_targets(tokenizer, [text, negated])
+    for row in range(2):
+        pieces = tokenizer.convert_ids_to_tokens(ids2[row])
+        heavy = "".join(p for p, w in zip(pieces, only[row].tolist()) if w == 5.0)
+        assert heavy.replace("\u0120", " ").strip() == [
+            "A 14 mm solid nodule in the left upper lobe.Impression: Lung nodule.",
+            "Findings: No lung nodules."][row]
     model = build_tiny(tokenizer, **TINY).eval()
     views = [[encoded(4, seed=1)], [encoded(5, seed=2)]]
     with torch.no_grad():
