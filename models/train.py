@@ -28,6 +28,7 @@ Under ``torchrun`` the same command trains with DDP (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -282,15 +283,20 @@ class Trainer:
                              "label list")
 
     # -- study labels -----------------------------------------------------------------------------
+    @functools.cached_property
+    def labeler(self) -> Any:
+        """The rule labeler: study targets and the report loss's sentence weights."""
+        from models.labeler import RuleLabeler
+
+        return RuleLabeler()
+
     def targets(self, study: StudyItem) -> torch.Tensor:
         """The study's 0/1 labels ``(N,)`` in the config's label order, read from its report
         by the rule labeler (exact on phantom reports; uncertain counts as positive)."""
         if study.study_id not in self._targets:
-            from models.labeler import RuleLabeler, binary
+            from models.labeler import binary
 
-            if not hasattr(self, "_labeler"):
-                self._labeler = RuleLabeler()
-            found = binary(self._labeler.label(f"{study.findings}\n{study.impression}"))
+            found = binary(self.labeler.label(f"{study.findings}\n{study.impression}"))
             self._targets[study.study_id] = torch.tensor(
                 [float(found.get(label, 0)) for label in self.config.labels])
         return self._targets[study.study_id]
@@ -527,12 +533,8 @@ class Trainer:
         weight = float(self.run.stage[self._stage].get("finding_weight", 1.0))
         if weight == 1.0:
             return ([self.encoded(s) for s in chosen], ids, mask, states)
-        if not hasattr(self, "_labeler"):
-            from models.labeler import RuleLabeler
-
-            self._labeler = RuleLabeler()
         labels = list(self.run.stage[self._stage].get("finding_weight_labels", []))
-        weights = finding_weights(self.tokenizer, texts, self._labeler, weight, labels,
+        weights = finding_weights(self.tokenizer, texts, self.labeler, weight, labels,
                                   self.device)
         return ([self.encoded(s) for s in chosen], ids, mask, states, weights)
 
