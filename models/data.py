@@ -52,17 +52,23 @@ class Dataset:
 
 
 def phantom_dataset(count: int, valid_count: int, seed: int = 0,
-                    **kwargs: Any) -> Dataset:
-    """Phantoms generated when loaded; train seeds and valid seeds never overlap."""
+                    extra: list[dict[str, Any]] | None = None, **kwargs: Any) -> Dataset:
+    """Phantoms generated when loaded; train seeds and valid seeds never overlap.
+
+    ``extra``: more training studies, each group ``{"count": n, ...}`` generated with its own
+    seeds and its own keyword arguments over ``kwargs`` (e.g. ``{"count": 400, "prevalence":
+    0.1}``: studies with one or two findings, rare at the main prevalence). The main studies
+    stay the same whatever ``extra`` holds.
+    """
     from models.phantom import generate_case, iter_cases, report_variant
 
-    def items(n: int, base: int, tag: str) -> list[StudyItem]:
+    def items(n: int, base: int, tag: str, options: dict[str, Any]) -> list[StudyItem]:
         out = []
-        for i, case in enumerate(iter_cases(n, base, **{**kwargs, "slices": 16})):
+        for i, case in enumerate(iter_cases(n, base, **{**options, "slices": 16})):
             case_seed = base * 100003 + i
 
             def load(case_seed: int = case_seed, sid: str = case.study_id) -> list[View]:
-                return generate_case(case_seed, sid, **kwargs).views
+                return generate_case(case_seed, sid, **options).views
 
             def variant(k: int, case: Any = case) -> tuple[str, str]:
                 return report_variant(case, k)
@@ -71,9 +77,22 @@ def phantom_dataset(count: int, valid_count: int, seed: int = 0,
                                  case.impression, load, variant))
         return out
 
-    return Dataset(items(count, 2 * seed + 1, "p"), items(valid_count, 2 * seed + 2, "p"),
-                   {"source": "phantoms", "count": count, "valid_count": valid_count,
-                    "seed": seed, **{k: str(v) for k, v in kwargs.items()}})
+    train = items(count, 2 * seed + 1, "p", kwargs)
+    groups = []
+    for k, group in enumerate(extra or []):
+        group = dict(group)
+        n = group.pop("count", None)
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"Invalid extra[{k}] count {n!r} - a whole number of studies")
+        # seeds far from every split the project uses (train 2s+1, valid 2s+2, evaluation)
+        train += items(n, 1000 * (k + 1) + 2 * seed + 1, "p", {**kwargs, **group})
+        groups.append({"count": n, **{key: str(v) for key, v in group.items()}})
+    description: dict[str, Any] = {"source": "phantoms", "count": count,
+                                   "valid_count": valid_count, "seed": seed,
+                                   **{k: str(v) for k, v in kwargs.items()}}
+    if groups:
+        description["extra"] = groups
+    return Dataset(train, items(valid_count, 2 * seed + 2, "p", kwargs), description)
 
 
 def ctrate_dataset(root: str | Path, train_split: str = "train",

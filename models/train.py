@@ -59,7 +59,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
                  "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
-                 "cue_fit": False, "cue_freeze": False, "cue_choice": False},
+                 "cue_fit": False, "cue_freeze": False, "cue_choice": False, "init_from": ""},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
@@ -114,6 +114,11 @@ class RunConfig:
         if stage["findings"]["cue_freeze"] and not stage["findings"]["cue_fit"]:
             raise ValueError(f"{path}: [findings] cue_freeze: needs cue_fit = true (it keeps "
                              "the fitted cue path)")
+        init_from = stage["findings"]["init_from"]
+        if not isinstance(init_from, str):
+            raise ValueError(f"{path}: [findings] init_from: must be a checkpoint folder (text)")
+        if init_from and not Path(init_from).is_absolute():
+            stage["findings"]["init_from"] = str((path.parent / init_from).resolve())
         if stage["findings"]["select"] not in ("loss", "auroc"):
             raise ValueError(f"{path}: [findings] select: {stage['findings']['select']!r} is "
                              "not 'loss' or 'auroc'")
@@ -278,6 +283,7 @@ class Trainer:
         self._lower: dict[str, list[tuple[torch.Tensor, EncodedView]]] = {}
         self.probe: dict[str, Any] = {}
         self.head_valid: dict[str, Any] = {}  # the finding head on validation (model card)
+        self.findings_origin: dict[str, Any] = {}  # [findings] init_from: where it was trained
         if "findings" in run.stages and not self.config.labels:
             raise ValueError("Invalid run file - [model] labels: the findings stage needs the "
                              "label list")
@@ -598,7 +604,12 @@ class Trainer:
                 self.config.finding_sources = done.get("sources", [])
                 self.probe = done.get("probe", {})
                 self.head_valid = done.get("head_valid", {})
+                if "origin" in done:
+                    self.findings_origin = done["origin"]
             logger.info("Stage %s already done; skipped", stage)
+            return
+        if stage == "findings" and cfg["init_from"]:
+            self._findings_from(Path(cfg["init_from"]), folder)
             return
         self.reset_cache()
         self._stage = stage
@@ -707,6 +718,61 @@ class Trainer:
             torch.save(self.model.state_dict(), folder / "weights.pt")
             (folder / "done.json").write_text(json.dumps(done))
             self._plot(stage, curve)
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    FINDINGS_PARTS = ("vision_tower.", "z_former.", "finding_head.")
+
+    def _findings_from(self, source: Path, folder: Path) -> None:
+        """The findings stage taken from a finished checkpoint (``[findings] init_from``): its
+        vision tower, Z-former and finding head, thresholds, label sources, probe and head
+        validation, so the language stages can be trained again on them (minutes, not the
+        findings stage's hour). Every one of those tensors must match this run's model."""
+        from safetensors.torch import load_file
+
+        from models.generator import CARD, CONFIG, WEIGHTS
+
+        for name in (WEIGHTS, CONFIG, CARD):
+            if not (source / name).exists():
+                raise FileNotFoundError(f"[findings] init_from: checkpoint {source} has no "
+                                        f"{name}")
+        meta = json.loads((source / CONFIG).read_text())["model"]
+        card = json.loads((source / CARD).read_text())
+        if meta.get("labels") != self.config.labels:
+            raise ValueError(f"[findings] init_from: {source} was trained for other labels "
+                             f"({meta.get('labels')})")
+        tensors = load_file(str(source / WEIGHTS))
+        state = self.model.state_dict()
+        for key, value in state.items():
+            if key.startswith(self.FINDINGS_PARTS):
+                if key not in tensors or tensors[key].shape != value.shape:
+                    raise ValueError(f"[findings] init_from: {source} does not match this "
+                                     f"run's [model] at {key}")
+                state[key] = tensors[key].to(value.dtype)
+        self.model.load_state_dict(state)
+        self.config.finding_thresholds = list(meta["finding_thresholds"])
+        self.config.finding_sources = list(meta.get("finding_sources", []))
+        self.probe = dict(card.get("probe", {}))
+        self.head_valid = dict(card.get("head_validation", {}))
+        # where the stage was trained: the source's own origin when it was taken over in turn
+        self.findings_origin = card["training"].get("findings_from") or {
+            "checkpoint": str(source), "git_commit": card["training"].get("git_commit", ""),
+            "data": card["training"].get("data", {}),
+            "run_file": card["training"].get("run_file", "")}
+        empty: dict[str, list[float]] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+        self.curves["findings"] = empty
+        if self.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            plot = source / "loss_findings.png"
+            if plot.exists() and source.resolve() != self.out.resolve():
+                (self.out / plot.name).write_bytes(plot.read_bytes())
+            torch.save(self.model.state_dict(), folder / "weights.pt")
+            (folder / "done.json").write_text(json.dumps({
+                "curves": empty, "best_val": 0.0, "thresholds": self.config.finding_thresholds,
+                "sources": self.config.finding_sources, "probe": self.probe,
+                "head_valid": self.head_valid, "origin": self.findings_origin}))
+        logger.info("Stage findings taken from %s (vision tower, Z-former, finding head, "
+                    "thresholds)", source)
         if self.world > 1:
             torch.distributed.barrier()
 
@@ -933,6 +999,11 @@ class Trainer:
         parts = ["resampler", "projector"] + (
             ["label tokens"] if self.model.label_tokens is not None else []) + (
             ["evidence projection"] if self.model.evidence is not None else [])
+        if self.findings_origin:
+            commit = self.findings_origin.get("git_commit", "")[:12]
+            kept = (f"{kept}; taken over from checkpoint {self.findings_origin['checkpoint']} "
+                    f"(trained at commit {commit}, run file and data in the model card's "
+                    "training.findings_from)")
         story = {
             "pretrain": "pretrain: vision tower alone (self-supervised); frozen afterwards",
             "findings": "findings: vision tower, Z-former and finding head end to end (BCE)"
@@ -966,6 +1037,8 @@ class Trainer:
             "per_label_f1": metrics.get("per_label_f1", {}),
             "frozen": self._frozen_story(),
         }
+        if self.findings_origin:
+            card["training"]["findings_from"] = self.findings_origin
         if self.config.labels:
             card["labels"] = self.config.labels
             card["finding_thresholds"] = dict(zip(self.config.labels,

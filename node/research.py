@@ -84,8 +84,17 @@ def load_dataset(data: dict[str, Any], base: Path) -> Any:
                                                         "slices") if k in data}
         if data.get("phases", "auto") != "auto":
             kwargs["phases"] = PHASE_CHOICES[data["phases"]]
+        extra = data.get("extra", [])
+        if not isinstance(extra, list) or not all(isinstance(g, dict) for g in extra):
+            raise ValueError("Invalid [data] extra - a list of tables, e.g. [{count = 400, "
+                             "prevalence = 0.1}]")
+        for k, group in enumerate(extra):
+            unknown = set(group) - {"count", "matrix", "prevalence", "reformats", "slices"}
+            if unknown:
+                raise ValueError(f"Invalid [data] extra[{k}] key {sorted(unknown)[0]!r} - "
+                                 "count, matrix, prevalence, reformats or slices")
         return phantom_dataset(int(data.get("count", 200)), int(data.get("valid_count", 50)),
-                               int(data.get("seed", 0)), **kwargs)
+                               int(data.get("seed", 0)), extra=extra, **kwargs)
     root = Path(data.get("path", ""))
     root = root if root.is_absolute() else base / root
     if source == "ctrate":
@@ -149,7 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     text = args.run_file.read_text()
     raw = tomllib.loads(text)
     run = RunConfig.from_toml(raw, args.run_file.resolve(), text)
-    data = load_dataset(raw.get("data", {}), args.run_file.resolve().parent)
+    try:
+        data = load_dataset(raw.get("data", {}), args.run_file.resolve().parent)
+    except ValueError as exc:
+        raise ValueError(f"{args.run_file}: {exc}") from None
     metrics = Trainer(run, data).train()
     if metrics:
         keys = ["ce_f1_macro", "ce_f1_micro", "bleu4", "rouge_l", "pe_f1",

@@ -155,3 +155,57 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
     hashes = card["training"]["rank_weight_hashes"]
     assert card["training"]["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
     shutil.rmtree(tmp_path / "ddp" / "cache", ignore_errors=True)
+
+
+def test_language_stages_retrained_on_a_finished_findings_stage(tmp_path: Path) -> None:
+    """``[findings] init_from``: a run takes the vision tower, Z-former, finding head and
+    thresholds of a finished checkpoint and trains only the language stages, here on more
+    studies (``[data] extra``: a low-prevalence group); the model card says where the findings
+    stage was trained, through any number of such runs; a checkpoint that does not fit the
+    run's model is refused by name."""
+    from models.generator import load_checkpoint
+    from node.research import load_dataset
+
+    def config(out: str, init_from: str = "", **model: Any) -> RunConfig:
+        raw = {"run": {"out": out, "seed": 3, "device": "cpu", "eval_studies": 2,
+                       "stages": ["findings", "align"]},
+               "model": {**MODEL, "labels": ["Cardiomegaly", "Pleural effusion"],
+                         "head_heads": 2, "condition_on_findings": True, **model},
+               "tokenizer": {"vocab_size": 300},
+               "findings": {"steps": 6, "batch": 4, "eval_every": 3, "lr": 5e-3,
+                            "probe_studies": 6, "init_from": init_from},
+               "align": {"steps": 4, "batch": 4, "eval_every": 2, "lr": 5e-3}}
+        return RunConfig.from_toml(raw, tmp_path / "run.toml", "test")
+
+    base = {"source": "phantoms", "count": 6, "valid_count": 3, "seed": 5, "matrix": 40,
+            "slices": 16}
+    first = Trainer(config("first"), load_dataset(base, tmp_path))
+    first.train()
+    more = load_dataset({**base, "extra": [{"count": 4, "prevalence": 0.0}]}, tmp_path)
+    assert len(more.train) == 10 and [s.study_id for s in more.train[:6]] == [
+        s.study_id for s in first.data.train]  # the main studies stay as they were
+    assert all(not first.targets(s).any() for s in more.train[6:])  # prevalence 0: normal
+    assert more.fingerprint != first.data.fingerprint  # its own embedding cache
+    second = Trainer(config("second", "first"), more)  # relative to the run file
+    second.train()
+    _, _, card = load_checkpoint(tmp_path / "first")[:3]
+    model, _, card2, _ = load_checkpoint(tmp_path / "second")
+    trained = load_checkpoint(tmp_path / "first")[0].state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith(Trainer.FINDINGS_PARTS):
+            torch.testing.assert_close(value, trained[key], msg=key)
+    assert model.config.finding_thresholds == first.config.finding_thresholds
+    assert second.curves["align"]["loss"]  # the language stage trained
+    origin = card2["training"]["findings_from"]
+    assert origin["checkpoint"] == str(tmp_path / "first") and origin["run_file"] == "test"
+    assert card2["probe"] == card["probe"] and "taken over from checkpoint" in card2["frozen"][0]
+    assert card2["training"]["data"]["extra"] == [{"count": 4, "prevalence": "0.0"}]
+    third = Trainer(config("third", "second"), more)  # still names where it was trained
+    third.train()
+    _, _, card3, _ = load_checkpoint(tmp_path / "third")
+    assert card3["training"]["findings_from"]["checkpoint"] == str(tmp_path / "first")
+    with pytest.raises(ValueError, match=r"second does not match this run's \[model\] at "
+                                         r"z_former\."):
+        Trainer(config("fourth", "second", z_hidden=48), more).train()
+    with pytest.raises(ValueError, match=r"\[data\] extra\[0\] key 'prevalance'"):
+        load_dataset({**base, "extra": [{"count": 4, "prevalance": 0.1}]}, tmp_path)
