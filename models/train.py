@@ -758,7 +758,9 @@ class Trainer:
         self.findings_origin = card["training"].get("findings_from") or {
             "checkpoint": str(source), "git_commit": card["training"].get("git_commit", ""),
             "data": card["training"].get("data", {}),
-            "run_file": card["training"].get("run_file", "")}
+            "run_file": card["training"].get("run_file", ""),
+            **({"note": card["training"]["run_file_note"]}
+               if "run_file_note" in card["training"] else {})}
         empty: dict[str, list[float]] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
         self.curves["findings"] = empty
         if self.main:
