@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, delete, event, func, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import classify
@@ -200,13 +201,24 @@ class Index:
         self.device_uid = self.identity("device_uid", generate_uid)
 
     def identity(self, key: str, create: Any) -> str:
-        """A value created once for this index (``create()``) and kept, e.g. the device UID."""
-        with self.sessions.begin() as session:
-            row = session.get(NodeIdentity, key)
-            if row is None:
-                row = NodeIdentity(key=key, value=str(create()))
-                session.add(row)
-            return row.value
+        """A value created once for this index (``create()``) and kept, e.g. the device UID.
+        Two processes opening a new index at once agree: the one whose insert loses reads the
+        winner's value."""
+        try:
+            with self.sessions.begin() as session:
+                row = session.get(NodeIdentity, key)
+                if row is None:
+                    row = NodeIdentity(key=key, value=str(create()))
+                    session.add(row)
+                    session.flush()
+                value = row.value
+        except IntegrityError:  # created by another process since our read
+            with self.sessions.begin() as session:
+                row = session.get(NodeIdentity, key)
+                if row is None:
+                    raise
+                value = row.value
+        return value
 
     def close(self) -> None:
         self.engine.dispose()

@@ -74,6 +74,20 @@ def test_objects_that_never_start_a_report(setup: Any, tmp_path: Path) -> None:
     assert again.device_uid == index.device_uid
 
 
+def test_processes_creating_an_identity_at_once_agree(setup: Any) -> None:
+    """Two processes open a new index together (the node and a CLI command): one reads no
+    identity, the other writes its own before the first inserts; the first keeps the winner's
+    value instead of failing on the unique key (seen in CI as an IntegrityError)."""
+    index, _, _ = setup
+    other = Index(index.url, index.store)
+
+    def create() -> str:
+        return other.identity("site_key", lambda: "theirs") and "ours"
+
+    assert index.identity("site_key", create) == "theirs"
+    assert Index(index.url, index.store).identity("site_key", lambda: "new") == "theirs"
+
+
 def test_leases_one_claim_and_take_over_after_expiry(setup: Any) -> None:
     index, queue, files = setup
     t = queued(index, queue, files)
