@@ -74,14 +74,17 @@ def add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_train)
 
 
+PHANTOM_OPTIONS = ("matrix", "prevalence", "reformats", "slices")
+"""``[data]`` keys passed to the phantom generator (also per ``extra`` group)."""
+
+
 def load_dataset(data: dict[str, Any], base: Path) -> Any:
     """The ``[data]`` table of a run file -> a :class:`models.data.Dataset`."""
     from models.data import phantom_dataset
 
     source = data.get("source", "phantoms")
     if source == "phantoms":
-        kwargs: dict[str, Any] = {k: data[k] for k in ("matrix", "prevalence", "reformats",
-                                                        "slices") if k in data}
+        kwargs: dict[str, Any] = {k: data[k] for k in PHANTOM_OPTIONS if k in data}
         if data.get("phases", "auto") != "auto":
             kwargs["phases"] = PHASE_CHOICES[data["phases"]]
         extra = data.get("extra", [])
@@ -89,10 +92,10 @@ def load_dataset(data: dict[str, Any], base: Path) -> Any:
             raise ValueError("Invalid [data] extra - a list of tables, e.g. [{count = 400, "
                              "prevalence = 0.1}]")
         for k, group in enumerate(extra):
-            unknown = set(group) - {"count", "matrix", "prevalence", "reformats", "slices"}
+            unknown = set(group) - {"count", *PHANTOM_OPTIONS}
             if unknown:
                 raise ValueError(f"Invalid [data] extra[{k}] key {sorted(unknown)[0]!r} - "
-                                 "count, matrix, prevalence, reformats or slices")
+                                 f"count or one of {', '.join(PHANTOM_OPTIONS)}")
         return phantom_dataset(int(data.get("count", 200)), int(data.get("valid_count", 50)),
                                int(data.get("seed", 0)), extra=extra, **kwargs)
     root = Path(data.get("path", ""))
