@@ -40,6 +40,13 @@ class MSVLMConfig:
     pyramid_nodules: bool = False  # compact solid components in lung, in 3D (needs lesions)
     # a second nodule cue, before the opening, in enhanced views only (needs nodules)
     pyramid_enhanced_nodules: bool = False
+    # which nodule detector (models/cnn.py NODULE_DETECTORS): 1 as the demos before 2026-12-03
+    # were trained with, 2 a lung field that keeps a nodule touching its edge and vessel dots
+    # told from nodules
+    pyramid_nodule_detector: int = 1
+    # lesion cues standardised per grid "cell" or with one scale per cue "type" (models/cnn.py
+    # fit_standardisation); used when the findings stage fits it, then saved with the weights
+    pyramid_cue_scale: str = "cell"
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
     patch3d_depth: int = 32
     patch3d_patch_depth: int = 4
@@ -477,7 +484,9 @@ class MSVLM(nn.Module):
                                         matrix=config.image_size,
                                         dropout=config.pyramid_dropout,
                                         nodules=config.pyramid_nodules,
-                                        enhanced_nodules=config.pyramid_enhanced_nodules)
+                                        enhanced_nodules=config.pyramid_enhanced_nodules,
+                                        nodule_detector=config.pyramid_nodule_detector,
+                                        cue_scale=config.pyramid_cue_scale)
         elif tower is None and config.encoder == "cnn":
             from models.cnn import ConvSliceEncoder
 

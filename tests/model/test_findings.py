@@ -431,6 +431,66 @@ def test_nodule_sites_place_the_nodule_against_the_lungs() -> None:
     torch.testing.assert_close(streamed, whole)
 
 
+def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_vessel_dots(
+) -> None:
+    """``nodule_detector = 2``: a 10 mm nodule against the right lung's lateral edge, a 5 mm
+    nodule (2 x 2 x 2 voxels, which the opening erases) and the 10 mm nodule high in the lung
+    are found, the latter at its full size; six dots of a vessel sampled at 2.5 mm (each as
+    compact as the small nodule, one voxel apart) are not. Detector 1 finds only the nodule
+    high in the lung: the one at the edge joins the chest wall. An unknown detector is refused
+    naming the key."""
+    from models.cnn import PyramidSliceEncoder, _nodule_components, slice_codes
+
+    vol, z = _chest_volume()
+    zz, y, x = np.mgrid[:48, :128, :128] * 2.5
+    vol[(zz - 60) ** 2 + (y - 160) ** 2 + (x - 59) ** 2 <= 5.0 ** 2] = 35.0  # at the edge
+    vol[20:22, 70:72, 36:38] = 35.0  # small
+    for k in range(6):  # a vessel in dots along one slice
+        vol[30, 75:77, 30 + 3 * k:32 + 3 * k] = 35.0
+
+    def found(detector: int) -> list[tuple[int, int, int, float]]:
+        return sorted(((b[0].start + b[0].stop) // 2, (b[1].start + b[1].stop) // 2,
+                       (b[2].start + b[2].stop) // 2, (6 * v / np.pi) ** (1 / 3))
+                      for b, v in _nodule_components(slice_codes(vol, detector), (2.5, 2.5, 2.5),
+                                                     detector=detector))
+
+    [(zc, row, col, d)] = found(1)
+    assert (zc, row, col) == (34, 52, 40) and d < 9.0  # trimmed by the opening
+    small, edge, high = found(2)
+    assert small[:3] == (21, 71, 37) and 5.0 < small[3] < 7.0
+    assert edge[:3] == (24, 64, 25) and 7.0 < edge[3] < 11.0
+    assert high[:3] == (34, 52, 40) and 9.5 < high[3] < 11.0
+    with pytest.raises(ValueError, match="pyramid_nodule_detector"):
+        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=3)
+
+
+def test_cue_scale_per_type_lets_the_maximum_over_cells_compare_sizes() -> None:
+    """Training slices where components show up in the central cell only: scaled per cell, a
+    0.6 cm component in a corner cell (spread at the floor) outranks a 1.8 cm nodule in the
+    central cell after standardisation; with one scale per cue type the larger one is
+    larger. An unknown scale is refused naming the key."""
+    from models.cnn import PyramidSliceEncoder
+
+    def standardised(scale: str) -> tuple[float, float]:
+        enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True,
+                                  nodules=True, cue_scale=scale)
+        train = torch.rand(400, enc.in_dim)
+        train[:, -9:] = 0.0
+        train[::4, -5] = torch.linspace(0.4, 1.8, 100)  # central cell, a quarter of slices
+        enc.fit_standardisation(train)
+        probe = torch.zeros(2, enc.in_dim)
+        probe[0, -9], probe[1, -5] = 0.6, 1.8  # corner 6 mm, centre 18 mm
+        cues = enc(probe)[:, -9:]
+        return float(cues[0, 0]), float(cues[1, 4])
+
+    corner, centre = standardised("cell")
+    assert corner > centre
+    corner, centre = standardised("type")
+    assert centre > corner > 0
+    with pytest.raises(ValueError, match="pyramid_cue_scale"):
+        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, cue_scale="slice")
+
+
 def test_nodule_cue_follows_a_spot_through_slices() -> None:
     """``nodules``: the nodule's cell carries its size (about 0.8 cm) on the slices that cut
     it and nowhere else; the vessel, round on every slice, gives nothing; MR gives zeros; and
