@@ -638,6 +638,23 @@ def test_the_cue_path_is_fitted_to_the_cue_that_carries_a_label() -> None:
     assert int(head.cue.weight[1].abs().argmax()) == 0 and float(head.cue.weight[1, 0]) < 0
 
 
+def test_a_labels_cue_fit_does_not_depend_on_the_other_labels() -> None:
+    """Each label's sparse fit is its own regression: fitted beside 18 unrelated labels it gets
+    the weights it gets alone (a mean over the labels once divided its gradient by their number
+    against the same L1 step and left a nodule's best cue at zero)."""
+    g = torch.Generator().manual_seed(2)
+    peaks = torch.randn(300, 6, generator=g)
+    label = ((peaks[:, 5] + 0.5 * torch.randn(300, generator=g)) > 0.7).float()[:, None]
+    others = (torch.rand(300, 18, generator=g) < 0.3).float()
+    alone = FindingHead(1, 16, 2, cue_dim=6)
+    alone.fit_cues(peaks, label, torch.tensor([2.0]))
+    among = FindingHead(19, 16, 2, cue_dim=6)
+    among.fit_cues(peaks, torch.cat([label, others], dim=1), torch.full((19,), 2.0))
+    assert alone.cue is not None and among.cue is not None
+    torch.testing.assert_close(among.cue.weight[0], alone.cue.weight[0])
+    assert float(alone.cue.weight[0, 5]) > 0.5
+
+
 def test_the_cue_path_reads_a_cue_types_maximum_over_cells() -> None:
     """With ``cue_cells`` the cue path also reads each cue type's maximum over the grid cells:
     a lesion that may lie in any cell (a nodule in one of nine) is read from that maximum,
