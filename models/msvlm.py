@@ -40,9 +40,9 @@ class MSVLMConfig:
     pyramid_nodules: bool = False  # compact solid components in lung, in 3D (needs lesions)
     # a second nodule cue, before the opening, in enhanced views only (needs nodules)
     pyramid_enhanced_nodules: bool = False
-    # which nodule detector (models/cnn.py NODULE_DETECTORS): 1 as the demos before 2026-12-03
-    # were trained with, 2 a lung field that keeps a nodule touching its edge and vessel dots
-    # told from nodules
+    # which nodule detector (models/cnn.py NODULE_DETECTORS): 1 as the shipped demo was trained
+    # with, 2 a lung field that keeps a nodule touching its edge and vessel dots told from
+    # nodules
     pyramid_nodule_detector: int = 1
     # lesion cues standardised per grid "cell" or with one scale per cue "type" (models/cnn.py
     # fit_standardisation); used when the findings stage fits it, then saved with the weights
