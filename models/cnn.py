@@ -155,6 +155,12 @@ def _disk(radius: int) -> np.ndarray:
     return ((t[:, None] ** 2 + t[None, :] ** 2) <= radius * radius + 0.5)[None]  # in-plane
 
 
+def _check_detector(detector: int) -> None:
+    if detector not in NODULE_DETECTORS:
+        raise ValueError(f"Invalid 'pyramid_nodule_detector' {detector} - one of "
+                         f"{NODULE_DETECTORS}")
+
+
 def slice_codes(hu: np.ndarray, detector: int = 1) -> np.ndarray:
     """Per pixel of ``(S, H, W)`` HU slices, each on its own: :data:`NODULE_LUNG` (aerated
     lung), :data:`NODULE_SOLID` (solid tissue inside the lung field, after an in-plane
@@ -164,9 +170,7 @@ def slice_codes(hu: np.ndarray, detector: int = 1) -> np.ndarray:
     :data:`NODULE_DETECTORS`)."""
     from scipy import ndimage
 
-    if detector not in NODULE_DETECTORS:
-        raise ValueError(f"Invalid 'pyramid_nodule_detector' {detector} - one of "
-                         f"{NODULE_DETECTORS}")
+    _check_detector(detector)
     plane = np.zeros((3, 3, 3), dtype=bool)
     plane[1] = ndimage.generate_binary_structure(2, 1)  # in-plane only: slices stay apart
     lung = hu < -500
@@ -410,9 +414,10 @@ class PyramidSliceEncoder(nn.Module):
         self.lesions = lesions
         self.nodules = nodules
         self.enhanced_nodules = enhanced_nodules
-        if nodule_detector not in NODULE_DETECTORS:
-            raise ValueError(f"Invalid 'pyramid_nodule_detector' {nodule_detector} - one of "
-                             f"{NODULE_DETECTORS}")
+        _check_detector(nodule_detector)
+        if enhanced_nodules and nodule_detector != 1:
+            raise ValueError("Invalid 'pyramid_enhanced_nodules' - detector 2 already reads "
+                             "the solid tissue before the opening in every view")
         self.nodule_detector = nodule_detector
         if cue_scale not in ("cell", "type"):
             raise ValueError(f"Invalid 'pyramid_cue_scale' {cue_scale!r} - 'cell' or 'type'")

@@ -462,6 +462,9 @@ def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_ve
     assert high[:3] == (34, 52, 40) and 9.5 < high[3] < 11.0
     with pytest.raises(ValueError, match="pyramid_nodule_detector"):
         PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=3)
+    with pytest.raises(ValueError, match="pyramid_enhanced_nodules"):  # it would repeat the cue
+        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=2,
+                            enhanced_nodules=True)
 
 
 def test_cue_scale_per_type_lets_the_maximum_over_cells_compare_sizes() -> None:
