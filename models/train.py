@@ -59,7 +59,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"steps": 200, "lr": 1e-3, "batch": 32, "mask_ratio": 0.75},
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
                  "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
-                 "cue_fit": False, "cue_freeze": False, "cue_choice": False, "init_from": ""},
+                 "cue_fit": False, "cue_freeze": False, "cue_choice": False, "cue_labels": [],
+                 "init_from": ""},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
@@ -114,6 +115,17 @@ class RunConfig:
         if stage["findings"]["cue_freeze"] and not stage["findings"]["cue_fit"]:
             raise ValueError(f"{path}: [findings] cue_freeze: needs cue_fit = true (it keeps "
                              "the fitted cue path)")
+        cue_labels = stage["findings"]["cue_labels"]
+        labels = list(dict(raw.get("model", {})).get("labels", []))
+        if not isinstance(cue_labels, list) or any(not isinstance(x, str) for x in cue_labels):
+            raise ValueError(f"{path}: [findings] cue_labels: must be a list of label names")
+        for label in cue_labels:
+            if label not in labels:
+                raise ValueError(f"{path}: [findings] cue_labels: {label!r} is not one of "
+                                 "[model] labels")
+        if cue_labels and not stage["findings"]["cue_fit"]:
+            raise ValueError(f"{path}: [findings] cue_labels: needs cue_fit = true (it names "
+                             "the labels the fit may read from the cues)")
         init_from = stage["findings"]["init_from"]
         if not isinstance(init_from, str):
             raise ValueError(f"{path}: [findings] init_from: must be a checkpoint folder (text)")
@@ -508,7 +520,9 @@ class Trainer:
                                             for f, _ in self.lower(s)]).amax(0)
                                  for s in self.data.train])
         targets = torch.stack([self.targets(s) for s in self.data.train]).to(peaks.device)
-        head.fit_cues(peaks, targets, self._pos_weight)
+        only = self.run.stage["findings"]["cue_labels"]
+        head.fit_cues(peaks, targets, self._pos_weight,
+                      labels=[self.config.labels.index(x) for x in only] if only else None)
         from models.probe import auroc
 
         logits = (head.cue_inputs(peaks) @ head.cue.weight.T + head.cue.bias).detach().cpu().numpy()

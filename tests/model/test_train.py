@@ -72,6 +72,12 @@ def test_stages_keep_their_order(tmp_path: Path) -> None:
     raw["findings"] = {"cue_freeze": True}  # nothing fitted to keep
     with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_freeze: needs cue_fit"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["findings"] = {"cue_fit": True, "cue_labels": ["Lung nodule"]}  # not a label of the run
+    with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_labels: 'Lung nodule'"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["findings"] = {"cue_labels": ["Cardiomegaly"]}  # nothing fitted to restrict
+    with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_labels: needs cue_fit"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
 
 
 def test_resume_follows_the_same_curve(tmp_path: Path, data: Any) -> None:
