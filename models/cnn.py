@@ -145,9 +145,41 @@ ENHANCED_PHASES = ("arterial", "portal_venous")
 # component is a true nodule in 26 -> 28 of 40 nodule studies (4 of the other 12: the nodule
 # lies against the heart or in an effusion, at their density, and is invisible); on 150 of seed
 # 74 (used for nothing else): 0.830 -> 0.848, small 0.680 -> 0.734, largest 31 -> 32 of 43.
-NODULE_DETECTORS = (1, 2)
+NODULE_DETECTORS = (1, 2, 3)
 NODULE_FIELD_CLOSING = 2
 NODULE_PART_OF = 2.0
+
+# ``nodule_detector = 3``: detector 2's lung field, then a learned false-positive reduction (the
+# candidate classification of LUNA16-style detectors). Every component of the solid tissue up to
+# NODULE_CANDIDATE_MAX_MM (and every component of the opened tissue that none of them covers: a
+# nodule touching a vessel) is a candidate; a logistic regression of its shape (NODULE_FEATURES,
+# log1p, standardised) gives the probability that it is a nodule, which is the cue (instead of
+# its size) and ranks the sites. Fitted by ``bench/fit_nodule_scorer.py`` on 200 phantoms of the
+# detector's seed 73 WITH THE NODULES' POSITIONS (a candidate is a nodule when its box holds a
+# nodule's centre; the model card says so: real data sets have no such labels, a CT-RATE run
+# would fit it on LUNA16-style annotations or keep detector 2). Reported on 150 phantoms of seed
+# 74 (used for nothing else): candidate AUROC 0.976; per study the best candidate separates
+# nodule studies at AUROC 0.909 (detector 2's largest component 0.848), small (<= 6 mm) nodule
+# studies from those without a nodule at 0.867 (0.734), and is a true nodule in 38 of 43 nodule
+# studies (32).
+NODULE_CANDIDATE_MAX_MM = 30.0
+NODULE_FEATURES = ("diameter_mm", "extent_z_mm", "extent_y_mm", "extent_x_mm", "aspect", "fill",
+                   "lung_around", "outside_around", "thin_share", "near_ratio", "cored",
+                   "largest_area_mm2", "slices", "slice_mm", "pixel_mm", "voxels")
+# a candidate is a site (nodule_sites) from this probability: on seed 74 the best candidate of a
+# nodule study is a true nodule at >= 0.91 in 9 of 10, the second best distinct one is true in 7
+# studies (median 0.95) and false in 143 (median 0.50, 12% >= 0.8)
+NODULE_SITE_MIN_P = 0.8
+# printed by bench/fit_nodule_scorer.py (2026-12-03), per NODULE_FEATURES
+NODULE_SCORER: dict = {
+    "mean": np.array([1.7505, 1.6294, 1.8575, 1.8367, 1.3042, 0.7359, 0.5287, 0.2212, 0.5956,
+                      2.7895, 0.0137, 2.8408, 1.0976, 1.1688, 1.3021, 1.6186]),
+    "std": np.array([0.3260, 0.7193, 0.4992, 0.4969, 0.4495, 0.2712, 0.1282, 0.1801, 0.2333,
+                     2.3179, 0.0965, 0.7739, 0.6006, 0.4064, 0.0629, 0.8642]),
+    "weight": np.array([0.5638, 1.0432, -0.3608, -0.3311, -1.7370, 0.7125, 1.5287, -0.6815,
+                        -0.1495, -0.6101, -0.2814, 1.6006, -0.5833, -0.0446, 0.3512, 0.3407]),
+    "bias": -5.1020,
+}
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -218,15 +250,94 @@ def _compact(codes: np.ndarray, labels: np.ndarray, k: int, box: tuple[slice, ..
     return bool((codes[grown][around] == NODULE_LUNG).mean() >= NODULE_LUNG_SHARE)
 
 
-def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float],
-                       thin: bool = False, detector: int = 1,
-                       ) -> Iterator[tuple[tuple[slice, ...], float]]:
-    """The compact solid components inside the lung field of one view's stacked
-    :func:`slice_codes`: per component its bounding box ``(z, y, x)`` and volume (mm^3).
-    ``detector`` 1: the components of the opened solid tissue (``thin``: of all of it);
-    2: see :data:`NODULE_DETECTORS` (``thin`` adds nothing: it reads all solid tissue)."""
+def _candidate_features(codes: np.ndarray, labels: np.ndarray, k: int, box: tuple[slice, ...],
+                        voxels: int, spacing: tuple[float, float, float], near_ratio: float,
+                        cored: bool) -> list[float]:
+    """:data:`NODULE_FEATURES` of component ``k`` of ``labels`` (``voxels`` voxels in ``box``)."""
+    S, H, W = codes.shape
+    dz, dy, dx = spacing
+    mask = labels[box] == k
+    ez, ey, ex = ((b.stop - b.start) * d for b, d in zip(box, (dz, dy, dx)))
+    volume = voxels * dz * dy * dx
+    grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, m)) for b, m in zip(box, (S, H, W)))
+    around = codes[grown][labels[grown] != k]
+    return [(6 * volume / np.pi) ** (1 / 3), ez, ey, ex,
+            max(ez, ey, ex) / max(min(ez, ey, ex), 1e-3),
+            volume / (np.pi / 6 * max(ez, 1.0) * ey * ex),
+            float((around == NODULE_LUNG).mean()), float((around == NODULE_NONE).mean()),
+            float((codes[box][mask] == NODULE_THIN).mean()), near_ratio, float(cored),
+            float(mask.sum(axis=(1, 2)).max()) * dy * dx, float(box[0].stop - box[0].start),
+            dz, dy, float(voxels)]
+
+
+def nodule_candidates(codes: np.ndarray, spacing_mm: tuple[float, float, float],
+                      ) -> list[tuple[tuple[slice, ...], float, list[float]]]:
+    """Detector 3's candidates in one view's stacked :func:`slice_codes`: per component its
+    bounding box ``(z, y, x)``, volume (mm^3) and :data:`NODULE_FEATURES` (see
+    :data:`NODULE_CANDIDATE_MAX_MM`)."""
     from scipy import ndimage
 
+    spacing = tuple(abs(float(v)) for v in spacing_mm)
+    full = ndimage.generate_binary_structure(3, 3)
+    every = (codes == NODULE_SOLID) | (codes == NODULE_THIN)
+    opened = codes == NODULE_SOLID
+    out = []
+    labels, n = ndimage.label(every, full)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    near, _ = ndimage.label(ndimage.binary_dilation(every, full), full)
+    near_voxels = np.bincount(near[every], minlength=int(near.max()) + 1)
+    taken = np.zeros_like(every)
+    voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or max((b.stop - b.start) * d for b, d in zip(box, spacing)) > (
+                NODULE_CANDIDATE_MAX_MM):
+            continue
+        mask = labels[box] == k
+        taken[box] |= mask
+        ratio = near_voxels[near[box][mask][0]] / sizes[k]
+        out.append((box, float(sizes[k]) * voxel_mm3, _candidate_features(
+            codes, labels, k, box, int(sizes[k]), spacing, float(ratio), False)))
+    core = ndimage.binary_erosion(opened, np.ones((1, 3, 3), dtype=bool))
+    labels, n = ndimage.label(opened, full)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or max((b.stop - b.start) * d for b, d in zip(box, spacing)) > (
+                NODULE_CANDIDATE_MAX_MM):
+            continue
+        mask = labels[box] == k
+        if taken[box][mask].any():
+            continue
+        out.append((box, float(sizes[k]) * voxel_mm3, _candidate_features(
+            codes, labels, k, box, int(sizes[k]), spacing, 1.0, bool(core[box][mask].any()))))
+    return out
+
+
+def nodule_probability(features: np.ndarray) -> np.ndarray:
+    """Detector 3's probability that each candidate (rows of :data:`NODULE_FEATURES`) is a
+    nodule (:data:`NODULE_SCORER`)."""
+    x = (np.log1p(np.abs(np.asarray(features, dtype=np.float64))) - NODULE_SCORER["mean"]) / (
+        NODULE_SCORER["std"])
+    return 1.0 / (1.0 + np.exp(-(x @ NODULE_SCORER["weight"] + NODULE_SCORER["bias"])))
+
+
+def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float],
+                       thin: bool = False, detector: int = 1,
+                       ) -> Iterator[tuple[tuple[slice, ...], float, float]]:
+    """The compact solid components inside the lung field of one view's stacked
+    :func:`slice_codes`: per component its bounding box ``(z, y, x)``, volume (mm^3) and rank
+    (what the cue carries and the sites are sorted by: the volume, or with detector 3 the
+    probability of a nodule). ``detector`` 1: the components of the opened solid tissue
+    (``thin``: of all of it); 2 and 3: see :data:`NODULE_DETECTORS` (``thin`` adds nothing:
+    they read all solid tissue)."""
+    from scipy import ndimage
+
+    if detector == 3:
+        found = nodule_candidates(codes, spacing_mm)
+        if found:
+            p = nodule_probability(np.array([f for _, _, f in found]))
+            for (box, volume, _), prob in zip(found, p):
+                yield box, volume, float(prob)
+        return
     spacing = tuple(abs(float(v)) for v in spacing_mm)
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
     full = ndimage.generate_binary_structure(3, 3)
@@ -237,7 +348,7 @@ def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float]
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         for k, box in enumerate(ndimage.find_objects(labels), start=1):
             if box is not None and _compact(codes, labels, k, box, sizes[k], spacing):
-                yield box, float(sizes[k]) * voxel_mm3
+                yield box, float(sizes[k]) * voxel_mm3, float(sizes[k]) * voxel_mm3
         return
     # isolated components of all solid tissue: alone within one voxel
     labels, n = ndimage.label(every, full)
@@ -253,7 +364,7 @@ def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float]
             continue  # a dot of a vessel
         if _compact(codes, labels, k, box, sizes[k], spacing):
             taken[box] |= mask
-            yield box, float(sizes[k]) * voxel_mm3
+            yield box, float(sizes[k]) * voxel_mm3, float(sizes[k]) * voxel_mm3
     # cored components of the opened tissue: a larger nodule touching a vessel
     core = ndimage.binary_erosion(opened, np.ones((1, 3, 3), dtype=bool))
     labels, n = ndimage.label(opened, full)
@@ -265,7 +376,7 @@ def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float]
         if not core[box][mask].any() or taken[box][mask].any():
             continue
         if _compact(codes, labels, k, box, sizes[k], spacing):
-            yield box, float(sizes[k]) * voxel_mm3
+            yield box, float(sizes[k]) * voxel_mm3, float(sizes[k]) * voxel_mm3
 
 
 def nodule_cues(codes: np.ndarray, spacing_mm: tuple[float, float, float],
@@ -273,16 +384,17 @@ def nodule_cues(codes: np.ndarray, spacing_mm: tuple[float, float, float],
     """``(S, grid*grid)`` float32 from one view's stacked :func:`slice_codes` and its voxel
     size ``(dz, dy, dx)`` in mm: per slice and cell, the largest equivalent diameter (cm) of
     the compact solid components (see :data:`NODULE_HU`) that the slice cuts and whose
-    centre lies in the cell; 0 where none. ``thin``: the solid tissue the opening removed
-    counts as well (:data:`ENHANCED_PHASES`)."""
+    centre lies in the cell (with ``detector`` 3 the highest probability of a nodule among its
+    candidates); 0 where none. ``thin``: the solid tissue the opening removed counts as well
+    (:data:`ENHANCED_PHASES`)."""
     S, H, W = codes.shape
     out = np.zeros((S, grid * grid), dtype=np.float32)
-    for box, volume in _nodule_components(codes, spacing_mm, thin, detector):
+    for box, volume, rank in _nodule_components(codes, spacing_mm, thin, detector):
         row = min(int((box[1].start + box[1].stop) / 2 * grid // H), grid - 1)
         col = min(int((box[2].start + box[2].stop) / 2 * grid // W), grid - 1)
         cell = row * grid + col
-        diameter_cm = (6 * volume / np.pi) ** (1 / 3) / 10
-        out[box[0], cell] = np.maximum(out[box[0], cell], diameter_cm)
+        value = rank if detector == 3 else (6 * volume / np.pi) ** (1 / 3) / 10
+        out[box[0], cell] = np.maximum(out[box[0], cell], value)
     return out
 
 
@@ -294,7 +406,8 @@ SITES_PER_VIEW = 2
 def nodule_sites(codes: np.ndarray, z_mm: np.ndarray, spacing_mm: tuple[float, float, float],
                  top: int = 2, detector: int = 1) -> np.ndarray:
     """``(K <= top, 4)`` float32, the largest compact solid components of an axial view
-    (:func:`nodule_cues`' components) placed against the lungs, largest first (see
+    (:func:`nodule_cues`' components; with ``detector`` 3 the most probable nodules, from
+    :data:`NODULE_SITE_MIN_P`) placed against the lungs, in that order (see
     :data:`SITE_COLUMNS`): equivalent diameter (mm); ``level``, the centre's height between the
     lowest (0) and highest (1) slice with aerated lung; ``side``, its column against the lungs'
     extent in columns (-1 first column of lung, +1 last: the patient's right and left on a
@@ -303,8 +416,8 @@ def nodule_sites(codes: np.ndarray, z_mm: np.ndarray, spacing_mm: tuple[float, f
     from scipy import ndimage
 
     S, H, W = codes.shape
-    found = sorted(_nodule_components(codes, spacing_mm, detector=detector),
-                   key=lambda c: -c[1])[:top]
+    found = sorted((c for c in _nodule_components(codes, spacing_mm, detector=detector)
+                    if detector != 3 or c[2] >= NODULE_SITE_MIN_P), key=lambda c: -c[2])[:top]
     if not found:
         return np.zeros((0, len(SITE_COLUMNS)), dtype=np.float32)
     plane = np.zeros((3, 3, 3), dtype=bool)
@@ -322,7 +435,7 @@ def nodule_sites(codes: np.ndarray, z_mm: np.ndarray, spacing_mm: tuple[float, f
         r_lo, r_hi = np.flatnonzero(rows_with)[[0, -1]]
         c_lo, c_hi = np.flatnonzero(cols_with)[[0, -1]]
     out = []
-    for box, volume in found:
+    for box, volume, _ in found:
         zc = float(z[box[0]].mean())
         rc, cc = (box[1].start + box[1].stop - 1) / 2, (box[2].start + box[2].stop - 1) / 2
         out.append([(6 * volume / np.pi) ** (1 / 3),
@@ -390,7 +503,8 @@ class PyramidSliceEncoder(nn.Module):
     :data:`NODULE_DETECTORS`; a checkpoint keeps the one it was trained with).
 
     ``cue_scale``: how :meth:`fit_standardisation` scales the lesion cues, per ``"cell"`` (the
-    demos so far) or one scale per cue ``"type"`` over its cells.
+    demos so far) or one scale per cue ``"type"`` over its cells, or per type for the nodule
+    cues only (``"nodules"``; the others per cell).
 
     ``dropout``: on the MLP's hidden layer while training (the findings stage over-fitted
     1,200 studies within ~1,250 steps without it).
@@ -419,8 +533,9 @@ class PyramidSliceEncoder(nn.Module):
             raise ValueError("Invalid 'pyramid_enhanced_nodules' - detector 2 already reads "
                              "the solid tissue before the opening in every view")
         self.nodule_detector = nodule_detector
-        if cue_scale not in ("cell", "type"):
-            raise ValueError(f"Invalid 'pyramid_cue_scale' {cue_scale!r} - 'cell' or 'type'")
+        if cue_scale not in ("cell", "type", "nodules"):
+            raise ValueError(f"Invalid 'pyramid_cue_scale' {cue_scale!r} - 'cell', 'type' or "
+                             "'nodules'")
         self.cue_scale = cue_scale
         # trailing cues a view fills in once whole (lower_view): the nodule cue types' cells
         self.view_cue_dim = (int(nodules) + int(enhanced_nodules)) * grid * grid
@@ -636,7 +751,8 @@ class PyramidSliceEncoder(nn.Module):
         """Set the standardisation from ``(N, in_dim)`` lower features of training slices
         (a spread below ``floor`` counts as ``floor``, so a nearly constant share is not
         blown up). With ``cue_scale = "type"`` every cell of a lesion cue type shares one mean
-        and spread, so the cue's maximum over the cells (the finding head's
+        and spread (``"nodules"``: only the nodule cues' cells), so the cue's maximum over the
+        cells (the finding head's
         ``finding_cue_cells``) compares sizes, not rarities: per cell, a corner cell where
         training saw no component has the floor as its spread and a 6 mm component there
         outranked an 18 mm nodule in the central cell (spreads 0.01-0.16; measured with
@@ -644,11 +760,12 @@ class PyramidSliceEncoder(nn.Module):
         where the largest component's size alone separates at 0.87)."""
         z = features.float().clamp_min(0).sqrt()
         mean, std = z.mean(0), z.std(0)
-        if self.cue_scale == "type" and self.cue_dim:
+        n = {"cell": 0, "type": self.cue_dim, "nodules": self.view_cue_dim}[self.cue_scale]
+        if n:
             cells = self.grid * self.grid
-            cues = z[:, -self.cue_dim:].reshape(len(z), -1, cells)  # (N, types, cells)
-            mean[-self.cue_dim:] = cues.mean(dim=(0, 2)).repeat_interleave(cells)
-            std[-self.cue_dim:] = cues.transpose(0, 1).reshape(cues.shape[1], -1).std(
+            cues = z[:, -n:].reshape(len(z), -1, cells)  # (N, types, cells)
+            mean[-n:] = cues.mean(dim=(0, 2)).repeat_interleave(cells)
+            std[-n:] = cues.transpose(0, 1).reshape(cues.shape[1], -1).std(
                 dim=1).repeat_interleave(cells)
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(floor))

@@ -42,9 +42,11 @@ class MSVLMConfig:
     pyramid_enhanced_nodules: bool = False
     # which nodule detector (models/cnn.py NODULE_DETECTORS): 1 as the shipped demo was trained
     # with, 2 a lung field that keeps a nodule touching its edge and vessel dots told from
-    # nodules
+    # nodules, 3 detector 2's lung field with every candidate scored by a classifier fitted on
+    # phantom nodule positions
     pyramid_nodule_detector: int = 1
-    # lesion cues standardised per grid "cell" or with one scale per cue "type" (models/cnn.py
+    # lesion cues standardised per grid "cell", with one scale per cue "type" or per type for
+    # the nodule cues only, "nodules" (models/cnn.py
     # fit_standardisation); used when the findings stage fits it, then saved with the weights
     pyramid_cue_scale: str = "cell"
     cnn_channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])

@@ -451,7 +451,7 @@ def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_ve
     def found(detector: int) -> list[tuple[int, int, int, float]]:
         return sorted(((b[0].start + b[0].stop) // 2, (b[1].start + b[1].stop) // 2,
                        (b[2].start + b[2].stop) // 2, (6 * v / np.pi) ** (1 / 3))
-                      for b, v in _nodule_components(slice_codes(vol, detector), (2.5, 2.5, 2.5),
+                      for b, v, _ in _nodule_components(slice_codes(vol, detector), (2.5, 2.5, 2.5),
                                                      detector=detector))
 
     [(zc, row, col, d)] = found(1)
@@ -461,10 +461,45 @@ def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_ve
     assert edge[:3] == (24, 64, 25) and 7.0 < edge[3] < 11.0
     assert high[:3] == (34, 52, 40) and 9.5 < high[3] < 11.0
     with pytest.raises(ValueError, match="pyramid_nodule_detector"):
-        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=3)
+        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=4)
     with pytest.raises(ValueError, match="pyramid_enhanced_nodules"):  # it would repeat the cue
         PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=2,
                             enhanced_nodules=True)
+
+
+def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones() -> None:
+    """``nodule_detector = 3`` on the chest of the detector-2 test: the classifier fitted on
+    phantoms (``NODULE_SCORER``) gives the three nodules (high, small, at the lung's edge) a
+    higher probability than each of the six vessel dots, which stay below
+    ``NODULE_SITE_MIN_P``; the cue of the small nodule's cell is its probability on the slices
+    it cuts; the sites are the two most probable nodules (the high one first, at its size),
+    never a dot; and the view's embedding carries the cue once the encoder uses detector 3."""
+    from models.cnn import (NODULE_SITE_MIN_P, PyramidSliceEncoder, _nodule_components,
+                            nodule_cues, nodule_sites, slice_codes)
+
+    vol, z = _chest_volume()
+    zz, y, x = np.mgrid[:48, :128, :128] * 2.5
+    vol[(zz - 60) ** 2 + (y - 160) ** 2 + (x - 59) ** 2 <= 5.0 ** 2] = 35.0  # at the edge
+    vol[20:22, 70:72, 36:38] = 35.0  # small
+    for k in range(6):  # a vessel in dots along one slice
+        vol[30, 75:77, 30 + 3 * k:32 + 3 * k] = 35.0
+    codes = slice_codes(vol, 3)
+    found = list(_nodule_components(codes, (2.5, 2.5, 2.5), detector=3))
+    dots = [p for b, _, p in found if b[0] == slice(30, 31)]
+    nodules = sorted((p for b, _, p in found if b[0] != slice(30, 31)), reverse=True)
+    assert len(dots) == 6 and len(nodules) == 3
+    assert min(nodules) > max(dots) and max(dots) < NODULE_SITE_MIN_P <= min(nodules)
+    cue = nodule_cues(codes, (2.5, 2.5, 2.5), 3, detector=3)
+    [small] = [p for b, _, p in found if b[0] == slice(20, 22)]
+    np.testing.assert_allclose(cue[20:22, 3], small, rtol=1e-6)  # the left middle cell
+    assert cue[30, 3] == pytest.approx(max(dots)) and cue[:20, 3].max() == 0
+    sites = nodule_sites(codes, z, (2.5, 2.5, 2.5), detector=3)
+    assert len(sites) == 2 and 9.5 < sites[0, 0] < 11.0 and 5.0 < sites[1, 0] < 7.0
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True, nodules=True,
+                              nodule_detector=3)
+    feats, view_sites = enc.lower_view(vol, "CT", z, (2.5, 2.5), plane="axial")
+    np.testing.assert_allclose(view_sites.numpy(), sites)
+    np.testing.assert_allclose(feats[:, -9:].numpy(), cue)
 
 
 def test_cue_scale_per_type_lets_the_maximum_over_cells_compare_sizes() -> None:
@@ -490,6 +525,14 @@ def test_cue_scale_per_type_lets_the_maximum_over_cells_compare_sizes() -> None:
     assert corner > centre
     corner, centre = standardised("type")
     assert centre > corner > 0
+    corner, centre = standardised("nodules")  # the nodule cue's cells are the last nine
+    assert centre > corner > 0
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True, nodules=True,
+                              cue_scale="nodules")
+    train = torch.rand(400, enc.in_dim)
+    enc.fit_standardisation(train)
+    spots = slice(-enc.cue_dim, -9)  # the other lesion cues keep a scale per cell
+    torch.testing.assert_close(enc.feature_std[spots], train.sqrt().std(0)[spots])
     with pytest.raises(ValueError, match="pyramid_cue_scale"):
         PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, cue_scale="slice")
 
