@@ -11,6 +11,7 @@ import pytest
 from models.generator import ReportGenerator
 from models.labeler import RuleLabeler, binary
 from models.phantom import generate_case
+from models.train import supervision
 from node.config import DEMO_CHECKPOINT
 from node.research import resolve_checkpoint
 
@@ -39,6 +40,8 @@ def test_demo_checkpoint_is_small_and_documented(demo: ReportGenerator) -> None:
     # labels the head cannot see are never stated, and the card names them
     assert set(card["not_assessed"]) == {k for k, v in card["finding_thresholds"].items()
                                          if v > 1}
+    # where a part learned from lesion positions (nodule detector 3), the card says so
+    assert card["training"]["supervision"] == supervision(demo.model.config)
     assert "no lesion positions" in card["training"]["supervision"]
 
 

@@ -476,6 +476,8 @@ def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones()
     never a dot; and the view's embedding carries the cue once the encoder uses detector 3."""
     from models.cnn import (NODULE_SITE_MIN_P, PyramidSliceEncoder, _nodule_components,
                             nodule_cues, nodule_sites, slice_codes)
+    from models.msvlm import MSVLMConfig
+    from models.train import supervision
 
     vol, z = _chest_volume()
     zz, y, x = np.mgrid[:48, :128, :128] * 2.5
@@ -500,6 +502,10 @@ def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones()
     feats, view_sites = enc.lower_view(vol, "CT", z, (2.5, 2.5), plane="axial")
     np.testing.assert_allclose(view_sites.numpy(), sites)
     np.testing.assert_allclose(feats[:, -9:].numpy(), cue)
+    # the model card says where the classifier learned from (phantom nodule positions)
+    card = supervision(MSVLMConfig(encoder="pyramid", pyramid_nodules=True,
+                                   pyramid_nodule_detector=3))
+    assert "nodule positions" in card and "nodule positions" not in supervision(MSVLMConfig())
 
 
 def test_cue_scale_per_type_lets_the_maximum_over_cells_compare_sizes() -> None:
