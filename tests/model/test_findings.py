@@ -431,6 +431,18 @@ def test_nodule_sites_place_the_nodule_against_the_lungs() -> None:
     torch.testing.assert_close(streamed, whole)
 
 
+def _chest_with_nodules_and_vessel_dots() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_chest_volume` with a 10 mm nodule against the right lung's lateral edge, a 5 mm
+    one (2 x 2 x 2 voxels) and a vessel in six dots along one slice, one voxel apart."""
+    vol, z = _chest_volume()
+    zz, y, x = np.mgrid[:48, :128, :128] * 2.5
+    vol[(zz - 60) ** 2 + (y - 160) ** 2 + (x - 59) ** 2 <= 5.0 ** 2] = 35.0  # at the edge
+    vol[20:22, 70:72, 36:38] = 35.0  # small
+    for k in range(6):  # a vessel in dots along one slice
+        vol[30, 75:77, 30 + 3 * k:32 + 3 * k] = 35.0
+    return vol, z
+
+
 def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_vessel_dots(
 ) -> None:
     """``nodule_detector = 2``: a 10 mm nodule against the right lung's lateral edge, a 5 mm
@@ -441,12 +453,7 @@ def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_ve
     naming the key."""
     from models.cnn import PyramidSliceEncoder, _nodule_components, slice_codes
 
-    vol, z = _chest_volume()
-    zz, y, x = np.mgrid[:48, :128, :128] * 2.5
-    vol[(zz - 60) ** 2 + (y - 160) ** 2 + (x - 59) ** 2 <= 5.0 ** 2] = 35.0  # at the edge
-    vol[20:22, 70:72, 36:38] = 35.0  # small
-    for k in range(6):  # a vessel in dots along one slice
-        vol[30, 75:77, 30 + 3 * k:32 + 3 * k] = 35.0
+    vol, z = _chest_with_nodules_and_vessel_dots()
 
     def found(detector: int) -> list[tuple[int, int, int, float]]:
         return sorted(((b[0].start + b[0].stop) // 2, (b[1].start + b[1].stop) // 2,
@@ -479,12 +486,7 @@ def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones()
     from models.msvlm import MSVLMConfig
     from models.train import supervision
 
-    vol, z = _chest_volume()
-    zz, y, x = np.mgrid[:48, :128, :128] * 2.5
-    vol[(zz - 60) ** 2 + (y - 160) ** 2 + (x - 59) ** 2 <= 5.0 ** 2] = 35.0  # at the edge
-    vol[20:22, 70:72, 36:38] = 35.0  # small
-    for k in range(6):  # a vessel in dots along one slice
-        vol[30, 75:77, 30 + 3 * k:32 + 3 * k] = 35.0
+    vol, z = _chest_with_nodules_and_vessel_dots()
     codes = slice_codes(vol, 3)
     found = list(_nodule_components(codes, (2.5, 2.5, 2.5), detector=3))
     dots = [p for b, _, p in found if b[0] == slice(30, 31)]
