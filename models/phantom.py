@@ -438,15 +438,18 @@ def _write_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, 
             continue
         side = sides.get(label, "")
         if label == "Lung nodule":
-            for n in case["nodules"]:
+            # the largest first, as radiologists lead with the dominant nodule (and as the
+            # model's nodule sites are ordered: the text's first nodule is the first site)
+            nodules = sorted(case["nodules"], key=lambda n: -n.diameter_mm)
+            for n in nodules:
                 sentences.append(_pick(rng, [
                     "A {d} mm solid nodule in the {side} {lobe} lobe.",
                     "There is a {d} mm pulmonary nodule in the {side} {lobe} lobe.",
                 ]).format(d=int(round(n.diameter_mm)), side=n.side, lobe=n.lobe))
-            first = case["nodules"][0]
+            first = nodules[0]
             impressions.append(f"{int(round(first.diameter_mm))} mm nodule in the {first.side} "
-                               f"{first.lobe} lobe" + (f" and {len(case['nodules']) - 1} other "
-                                                       "nodule(s)" if len(case["nodules"]) > 1
+                               f"{first.lobe} lobe" + (f" and {len(nodules) - 1} other "
+                                                       "nodule(s)" if len(nodules) > 1
                                                        else ""))
             continue
         templates = _SIDED.get(label) or _POSITIVE[label]

@@ -76,6 +76,25 @@ def test_smallest_nodule_spans_two_pixels_at_128() -> None:
     assert 6.0 / (fov / 128) >= 2.0
 
 
+def test_report_leads_with_the_largest_nodule() -> None:
+    """The findings list the nodules largest first and the impression names the largest (the
+    order of the model's nodule sites, so the first sentence can copy the first site)."""
+    from models.evaluate import nodules
+
+    checked = 0
+    for seed in range(60):
+        case = generate_case(seed, force={"Lung nodule": True}, slices=16)
+        sizes = sorted((n.diameter_mm for n in case.nodules), reverse=True)
+        if len(set(sizes)) < 2:
+            continue
+        assert [size for size, _, _ in nodules(case.findings)] == sizes
+        largest = max(case.nodules, key=lambda n: n.diameter_mm)
+        assert nodules(case.impression)[0] == (largest.diameter_mm, largest.side, largest.lobe)
+        assert f"and {len(case.nodules) - 1} other nodule(s)" in case.impression
+        checked += 1
+    assert checked >= 5
+
+
 def test_embolism_visible_only_in_the_arterial_series() -> None:
     base = dict(phases=("non_contrast", "arterial"), prevalence=0.0, slices=96)
     with_pe = generate_case(8, force={PE_LABEL: True}, **base)
