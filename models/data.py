@@ -35,6 +35,15 @@ class Dataset:
     train: list[StudyItem]
     valid: list[StudyItem]
     description: dict[str, Any] = field(default_factory=dict)
+    # how many of ``train`` are the main studies; the rest are ``extra`` groups (phantoms)
+    main_count: int | None = None
+
+    def main_only(self) -> Dataset:
+        """The same split without the extra training studies (itself when it has none)."""
+        if self.main_count is None or self.main_count >= len(self.train):
+            return self
+        return Dataset(self.train[: self.main_count], self.valid, self.description,
+                       self.main_count)
 
     def __post_init__(self) -> None:
         overlap = {s.patient_id for s in self.train} & {s.patient_id for s in self.valid}
@@ -92,7 +101,7 @@ def phantom_dataset(count: int, valid_count: int, seed: int = 0,
                                    **{k: str(v) for k, v in kwargs.items()}}
     if groups:
         description["extra"] = groups
-    return Dataset(train, items(valid_count, 2 * seed + 2, "p", kwargs), description)
+    return Dataset(train, items(valid_count, 2 * seed + 2, "p", kwargs), description, count)
 
 
 def ctrate_dataset(root: str | Path, train_split: str = "train",

@@ -60,7 +60,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
                  "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
                  "cue_fit": False, "cue_freeze": False, "cue_choice": False, "cue_labels": [],
-                 "init_from": ""},
+                 "init_from": "", "extra": True},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
@@ -138,6 +138,9 @@ class RunConfig:
         if cue_labels and not stage["findings"]["cue_fit"]:
             raise ValueError(f"{path}: [findings] cue_labels: needs cue_fit = true (it names "
                              "the labels the fit may read from the cues)")
+        if not isinstance(stage["findings"]["extra"], bool):
+            raise ValueError(f"{path}: [findings] extra: must be true or false (whether the "
+                             "stage also trains on [data] extra)")
         init_from = stage["findings"]["init_from"]
         if not isinstance(init_from, str):
             raise ValueError(f"{path}: [findings] init_from: must be a checkpoint folder (text)")
@@ -637,6 +640,17 @@ class Trainer:
         if stage == "findings" and cfg["init_from"]:
             self._findings_from(Path(cfg["init_from"]), folder)
             return
+        if stage == "findings" and not cfg["extra"] and self.data.main_only() is not self.data:
+            # the finding head learns from the main studies alone; the language stages read
+            # them all (the extra groups teach the text studies with few findings)
+            full, self.data = self.data, self.data.main_only()
+            logger.info("Stage findings trains on the %d main studies ([findings] extra = "
+                        "false; %d extra left to the later stages)", len(self.data.train),
+                        len(full.train) - len(self.data.train))
+            try:
+                return self.run_stage(stage, stop_after)
+            finally:
+                self.data = full
         self.reset_cache()
         self._stage = stage
         if stage not in ("pretrain", "findings"):
@@ -1027,6 +1041,9 @@ class Trainer:
         parts = ["resampler", "projector"] + (
             ["label tokens"] if self.model.label_tokens is not None else []) + (
             ["evidence projection"] if self.model.evidence is not None else [])
+        if not cfg["extra"] and self.data.main_only() is not self.data and not cfg["init_from"]:
+            kept += (f", on the {len(self.data.main_only().train)} main training studies "
+                     "without [data] extra")
         if self.findings_origin:
             commit = self.findings_origin.get("git_commit", "")[:12]
             kept = (f"{kept}; taken over from checkpoint {self.findings_origin['checkpoint']} "

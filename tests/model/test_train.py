@@ -172,14 +172,15 @@ def test_language_stages_retrained_on_a_finished_findings_stage(tmp_path: Path) 
     from models.generator import load_checkpoint
     from node.research import load_dataset
 
-    def config(out: str, init_from: str = "", **model: Any) -> RunConfig:
+    def config(out: str, init_from: str = "", findings: dict[str, Any] | None = None,
+               **model: Any) -> RunConfig:
         raw = {"run": {"out": out, "seed": 3, "device": "cpu", "eval_studies": 2,
                        "stages": ["findings", "align"]},
                "model": {**MODEL, "labels": ["Cardiomegaly", "Pleural effusion"],
                          "head_heads": 2, "condition_on_findings": True, **model},
                "tokenizer": {"vocab_size": 300},
                "findings": {"steps": 6, "batch": 4, "eval_every": 3, "lr": 5e-3,
-                            "probe_studies": 6, "init_from": init_from},
+                            "probe_studies": 6, "init_from": init_from, **(findings or {})},
                "align": {"steps": 4, "batch": 4, "eval_every": 2, "lr": 5e-3}}
         return RunConfig.from_toml(raw, tmp_path / "run.toml", "test")
 
@@ -215,3 +216,12 @@ def test_language_stages_retrained_on_a_finished_findings_stage(tmp_path: Path) 
         Trainer(config("fourth", "second", z_hidden=48), more).train()
     with pytest.raises(ValueError, match=r"\[data\] extra\[0\] key 'prevalance'"):
         load_dataset({**base, "extra": [{"count": 4, "prevalance": 0.1}]}, tmp_path)
+    # [findings] extra = false: the head learns from the 6 main studies, the text from all 10
+    own = Trainer(config("own", findings={"extra": False, "probe_studies": 20}), more)
+    own.train()
+    _, _, card5, _ = load_checkpoint(tmp_path / "own")
+    assert card5["probe"]["train_studies"] == 6 and len(own.data.train) == 10
+    assert "on the 6 main training studies without [data] extra" in card5["frozen"][0]
+    assert {s.study_id for s in more.train} <= set(own._cache)  # the align stage read them
+    with pytest.raises(ValueError, match=r"\[findings\] extra: must be true or false"):
+        config("sixth", findings={"extra": "no"})
