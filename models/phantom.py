@@ -57,6 +57,7 @@ class PhantomCase:
     sides: dict[str, str] = field(default_factory=dict)
     embolus: dict[str, Any] | None = None
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    nodule_order: str = "size"  # how its reports list the nodules (generate_case)
 
     def ground_truth(self) -> dict[str, Any]:
         """JSON-ready case-level truth (written next to the images)."""
@@ -439,8 +440,10 @@ def _write_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, 
         side = sides.get(label, "")
         if label == "Lung nodule":
             # the largest first, as radiologists lead with the dominant nodule (and as the
-            # model's nodule sites are ordered: the text's first nodule is the first site)
-            nodules = sorted(case["nodules"], key=lambda n: -n.diameter_mm)
+            # model's nodule sites are ordered: the text's first nodule is the first site);
+            # "placed": in the order they were drawn (the reports before 2026-12-03)
+            nodules = (list(case["nodules"]) if case.get("nodule_order") == "placed"
+                       else sorted(case["nodules"], key=lambda n: -n.diameter_mm))
             for n in nodules:
                 sentences.append(_pick(rng, [
                     "A {d} mm solid nodule in the {side} {lobe} lobe.",
@@ -470,7 +473,8 @@ def _write_report(case: dict[str, Any], rng: np.random.Generator) -> tuple[str, 
 def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...] | None = None,
                   reformats: bool = False, prevalence: float = 0.3,
                   matrix: int = 128, slices: int | None = None,
-                  force: dict[str, bool] | None = None) -> PhantomCase:
+                  force: dict[str, bool] | None = None,
+                  nodule_order: str = "size") -> PhantomCase:
     """One synthetic chest CT study, identical for the same arguments.
 
     Parameters
@@ -490,7 +494,13 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
         Force the slice count (default: 16-400 from the seed, via thickness and coverage).
     force : dict, optional
         Labels to set regardless of the seed (everything else stays as the seed makes it).
+    nodule_order : str
+        ``"size"``: the report lists the nodules largest first and its impression names the
+        largest; ``"placed"``: in the order they were drawn (the reports the demo's language
+        stages were trained on; only the text differs).
     """
+    if nodule_order not in ("size", "placed"):
+        raise ValueError(f"Invalid 'nodule_order' {nodule_order!r} - 'size' or 'placed'")
     rng = np.random.default_rng(seed)
     an = _Anatomy(rng)
     if phases is None:
@@ -514,7 +524,8 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
              if label in _SIDED or label == PE_LABEL}
     case: dict[str, Any] = {"labels": labels, "sides": sides, "nodules": [],
                             "noise_hu": float(rng.uniform(8, 22)),
-                            "finding_seed": int(rng.integers(2**31)), "embolus": None}
+                            "finding_seed": int(rng.integers(2**31)), "embolus": None,
+                            "nodule_order": nodule_order}
     if labels["Lung nodule"]:
         for _ in range(int(rng.integers(1, 3))):
             case["nodules"].append(_place_nodule(an, rng, pixel))
@@ -533,7 +544,7 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
     if reformats:
         views += _reformats(views[0], thickness, pixel)
     return PhantomCase(study_id or f"phantom-{seed}", seed, labels, findings, impression, views,
-                       case["nodules"], sides, case["embolus"], spacing)
+                       case["nodules"], sides, case["embolus"], spacing, nodule_order)
 
 
 def report_variant(case: PhantomCase, seed: int) -> tuple[str, str]:
@@ -542,7 +553,8 @@ def report_variant(case: PhantomCase, seed: int) -> tuple[str, str]:
     Training draws a fresh variant each time a study is sampled, so the language model learns
     what the images say rather than memorising one text per study.
     """
-    facts = {"labels": case.labels, "sides": case.sides, "nodules": case.nodules}
+    facts = {"labels": case.labels, "sides": case.sides, "nodules": case.nodules,
+             "nodule_order": case.nodule_order}
     return _write_report(facts, np.random.default_rng([case.seed, seed]))
 
 

@@ -74,7 +74,7 @@ def add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_train)
 
 
-PHANTOM_OPTIONS = ("matrix", "prevalence", "reformats", "slices")
+PHANTOM_OPTIONS = ("matrix", "prevalence", "reformats", "slices", "nodule_order")
 """``[data]`` keys passed to the phantom generator (also per ``extra`` group)."""
 
 

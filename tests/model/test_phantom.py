@@ -11,7 +11,7 @@ import pytest
 
 from models.ctrate import CTRateWriter, read_ctrate
 from models.labeler import RuleLabeler, binary
-from models.phantom import ALL_LABELS, PE_LABEL, generate_case
+from models.phantom import ALL_LABELS, PE_LABEL, generate_case, report_variant
 
 
 def test_same_seed_same_case_and_different_seed_differs() -> None:
@@ -91,8 +91,20 @@ def test_report_leads_with_the_largest_nodule() -> None:
         largest = max(case.nodules, key=lambda n: n.diameter_mm)
         assert nodules(case.impression)[0] == (largest.diameter_mm, largest.side, largest.lobe)
         assert f"and {len(case.nodules) - 1} other nodule(s)" in case.impression
-        checked += 1
-    assert checked >= 5
+        assert [size for size, _, _ in nodules(report_variant(case, 1)[0])] == sizes
+        # "placed": the order they were drawn (what the demo's language stages read), the
+        # images and every other sentence the same
+        placed = generate_case(seed, force={"Lung nodule": True}, slices=16,
+                               nodule_order="placed")
+        drawn = [n.diameter_mm for n in placed.nodules]
+        assert [size for size, _, _ in nodules(placed.findings)] == drawn
+        assert [x for x in placed.findings.split(". ") if "nodule" not in x] == [
+            x for x in case.findings.split(". ") if "nodule" not in x]
+        np.testing.assert_array_equal(placed.views[0].pixels, case.views[0].pixels)
+        checked += drawn != sizes
+    assert checked >= 3
+    with pytest.raises(ValueError, match="nodule_order"):
+        generate_case(1, nodule_order="random")
 
 
 def test_embolism_visible_only_in_the_arterial_series() -> None:
