@@ -87,6 +87,12 @@ def load_dataset(data: dict[str, Any], base: Path) -> Any:
         kwargs: dict[str, Any] = {k: data[k] for k in PHANTOM_OPTIONS if k in data}
         if data.get("phases", "auto") != "auto":
             kwargs["phases"] = PHASE_CHOICES[data["phases"]]
+        for k, group in [("", data), *((f" extra[{i}]", g) for i, g in
+                                        enumerate(data.get("extra", []) or [])
+                                        if isinstance(g, dict))]:
+            if group.get("nodule_order", "size") not in ("size", "placed"):
+                raise ValueError(f"Invalid [data]{k} nodule_order {group['nodule_order']!r} - "
+                                 "'size' (largest first) or 'placed' (as drawn)")
         extra = data.get("extra", [])
         if not isinstance(extra, list) or not all(isinstance(g, dict) for g in extra):
             raise ValueError("Invalid [data] extra - a list of tables, e.g. [{count = 400, "

@@ -216,6 +216,8 @@ def test_language_stages_retrained_on_a_finished_findings_stage(tmp_path: Path) 
         Trainer(config("fourth", "second", z_hidden=48), more).train()
     with pytest.raises(ValueError, match=r"\[data\] extra\[0\] key 'prevalance'"):
         load_dataset({**base, "extra": [{"count": 4, "prevalance": 0.1}]}, tmp_path)
+    with pytest.raises(ValueError, match=r"\[data\] nodule_order 'random' - 'size'"):
+        load_dataset({**base, "nodule_order": "random"}, tmp_path)
     # [findings] extra = false: the head learns from the 6 main studies, the text from all 10
     own = Trainer(config("own", findings={"extra": False, "probe_studies": 20}), more)
     own.train()
