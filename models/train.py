@@ -368,7 +368,8 @@ class Trainer:
     def encoded(self, study: StudyItem) -> list[EncodedView]:
         """Slice embeddings of a study from the frozen vision tower, cached on disk (a two-part
         tower's upper part on the lower features the findings stage kept in memory, in
-        float16 as it trained on them, so no study is generated or read again)."""
+        float16 as it trained on them, so no study is generated or read again; written to
+        disk as well, so a restarted run reads them rather than encoding every study again)."""
         if study.study_id in self._cache:
             return self._cache[study.study_id]
         folder = self._cache_dir()
@@ -385,6 +386,7 @@ class Trainer:
             self.model.eval()
             rows = [(e.embeddings, e.z_mm, e.modality, e.plane, e.phase, e.sites)
                     for e in (self.model.encode_slices(v) for v in study.load())]
+        if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{self.rank}.tmp")
             torch.save([(a.cpu(), b.cpu(), c, d, e, f) for a, b, c, d, e, f in rows], tmp)

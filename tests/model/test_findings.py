@@ -804,6 +804,13 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
     fresh = [trainer.model.encode_slices(v) for v in study.load()]
     for a, b in zip(kept, fresh):
         torch.testing.assert_close(a.embeddings, b.embeddings, atol=0.05, rtol=0.02)
+    # and written to disk: after a restart they are read, not encoded again
+    trainer.reset_cache()
+    trainer._lower.clear()
+    trainer.model.encode_slices = None  # type: ignore[method-assign,assignment]
+    for a, b in zip(kept, trainer.encoded(study)):
+        assert torch.equal(a.embeddings, b.embeddings)
+    del trainer.model.encode_slices
     if detail:  # cue_freeze: the cue path is still the sparse fit on the training studies
         head = trainer.model.finding_head
         assert head is not None and head.cue is not None and head.cue_cells == 9
