@@ -167,7 +167,7 @@ class ReportGenerator:
     def volume_cues(self) -> bool:
         """Whether part of each slice's embedding comes from the whole view (the pyramid
         encoder's 3D nodule cues): streaming then keeps per-slice codes with the embedding
-        (:meth:`stream_records`) and :meth:`streamed_embeddings` fills the cues in."""
+        (:meth:`stream_records`) and :meth:`streamed_view` fills the cues in."""
         return bool(getattr(self.model.vision_tower, "nodules", False))
 
     def stream_records(self, pixels: np.ndarray, modality: str) -> list[bytes]:
@@ -181,39 +181,32 @@ class ReportGenerator:
         codes = self.model.vision_tower.codes(torch.as_tensor(pixels), modality)
         return [e.tobytes() + pack_codes(c) for e, c in zip(embeddings, codes)]
 
-    def streamed_embeddings(self, records: Sequence[bytes], z_mm: np.ndarray,
-                            pixel_mm: tuple[float, float], shape: tuple[int, int],
-                            phase: str = "unknown") -> torch.Tensor:
-        """``(S, Dv)`` embeddings of a view of ``phase`` from its slices' :meth:`stream_records`
-        (in slice order), the whole-view cues filled in: what :meth:`encode_slices` gives."""
+    def streamed_view(self, records: Sequence[bytes], z_mm: np.ndarray,
+                      pixel_mm: tuple[float, float], shape: tuple[int, int],
+                      phase: str = "unknown", plane: str = "axial"
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(S, Dv)`` embeddings of a view of ``phase`` and ``plane`` from its slices'
+        :meth:`stream_records` (in slice order), the whole-view cues filled in, and its nodule
+        sites (``[model] finding_sites``; None when the model reads none): what
+        :meth:`encode_slices` gives. The view's codes are unpacked and its solid components
+        found once, for both."""
         dim = self.model.config.vision_hidden
         emb = torch.from_numpy(np.stack([np.frombuffer(r[:4 * dim], dtype="<f4")
                                          for r in records]).astype(np.float32))
-        if self.volume_cues:
-            from models.cnn import unpack_codes
+        if not self.volume_cues:
+            return emb, None
+        from models.cnn import nodule_components, unpack_codes
 
-            tower: Any = self.model.vision_tower
-            codes = np.stack([unpack_codes(r[4 * dim:]) for r in records])
-            cues = tower.view_cues(codes, tower.grid_spacing(shape, pixel_mm, z_mm), phase)
-            with torch.inference_mode():
-                emb[:, -tower.view_cue_dim:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()
-        return emb
-
-    def streamed_sites(self, records: Sequence[bytes], z_mm: np.ndarray,
-                       pixel_mm: tuple[float, float], shape: tuple[int, int],
-                       plane: str) -> torch.Tensor | None:
-        """The view's nodule sites (``[model] finding_sites``) from its slices'
-        :meth:`stream_records`, as :meth:`encode_slices` finds them; None when the model
-        reads none."""
-        if not (self.volume_cues and self.model.config.finding_sites):
-            return None
-        from models.cnn import unpack_codes
-
-        dim = self.model.config.vision_hidden
         tower: Any = self.model.vision_tower
         codes = np.stack([unpack_codes(r[4 * dim:]) for r in records])
-        return torch.from_numpy(tower.view_sites(codes, z_mm, tower.grid_spacing(
-            shape, pixel_mm, z_mm), plane))
+        spacing = tower.grid_spacing(shape, pixel_mm, z_mm)
+        found = nodule_components(codes, spacing, detector=tower.nodule_detector)
+        cues = tower.view_cues(codes, spacing, phase, found)
+        with torch.inference_mode():
+            emb[:, -tower.view_cue_dim:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()
+        if not self.model.config.finding_sites:
+            return emb, None
+        return emb, torch.from_numpy(tower.view_sites(codes, z_mm, spacing, plane, found))
 
     def report(self, encoded: Sequence[EncodedView], max_new_tokens: int | None = None,
                timings: dict[str, float] | None = None) -> Report:

@@ -240,11 +240,10 @@ def _streamed_view(files: Sequence[Path], hits: Mapping[Path, bytes], generator:
     start = time.perf_counter()
     spacing = [float(v) for v in first.PixelSpacing]
     phase = classify.phase(first)
-    embeddings = generator.streamed_embeddings(records, np.asarray(z), (spacing[0], spacing[1]),
-                                               (int(first.Rows), int(first.Columns)), phase)
     plane = classify.plane(first).value
-    sites = generator.streamed_sites(records, np.asarray(z), (spacing[0], spacing[1]),
-                                     (int(first.Rows), int(first.Columns)), plane)
+    embeddings, sites = generator.streamed_view(records, np.asarray(z), (spacing[0], spacing[1]),
+                                                (int(first.Rows), int(first.Columns)), phase,
+                                                plane)
     timings["encode_s"] += time.perf_counter() - start
     view = EncodedView(embeddings, torch.as_tensor(z, dtype=torch.float32), str(first.Modality),
                        plane, phase, str(first.SeriesInstanceUID), sites)

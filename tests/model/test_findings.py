@@ -425,7 +425,7 @@ def test_nodule_sites_place_the_nodule_against_the_lungs() -> None:
                        labels=["Lung nodule"], finding_sites=2)
     generator = ReportGenerator(model, tokenizer, {}, "test")
     records = [r for i in range(0, 48, 7) for r in generator.stream_records(vol[i:i + 7], "CT")]
-    streamed = generator.streamed_sites(records, z, (2.5, 2.5), (128, 128), "axial")
+    streamed = generator.streamed_view(records, z, (2.5, 2.5), (128, 128), plane="axial")[1]
     whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT", "axial")).sites
     assert whole is not None and streamed is not None
     torch.testing.assert_close(streamed, whole)
@@ -611,7 +611,8 @@ def test_streamed_slices_get_the_whole_view_nodule_cue(tokenizer: Any, enhanced:
     nodule = -14 if enhanced else -5  # the nodule's cell in the (first) nodule cue
     for phase in ("arterial", "non_contrast"):  # the enhanced cue needs the view's phase
         whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT", phase=phase)).embeddings
-        streamed = generator.streamed_embeddings(records, z, (2.5, 2.5), (128, 128), phase)
+        streamed, sites = generator.streamed_view(records, z, (2.5, 2.5), (128, 128), phase)
+        assert sites is None  # the model reads no sites
         torch.testing.assert_close(streamed, whole, atol=1e-4, rtol=1e-4)
         assert whole[20, nodule] != whole[0, nodule]  # the nodule's cell, cut by slice 20 only
         if enhanced:
