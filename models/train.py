@@ -60,6 +60,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "findings": {"steps": 300, "lr": 1e-3, "batch": 8, "grad_slices": 32,
                  "probe_studies": 300, "min_auroc": 0.0, "select": "loss", "cue_loss": 0.0,
                  "cue_fit": False, "cue_freeze": False, "cue_choice": False, "cue_labels": [],
+                 "cue_l1": 0.01,
                  "init_from": "", "extra": True},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
     "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
@@ -127,6 +128,11 @@ class RunConfig:
         if stage["findings"]["cue_freeze"] and not stage["findings"]["cue_fit"]:
             raise ValueError(f"{path}: [findings] cue_freeze: needs cue_fit = true (it keeps "
                              "the fitted cue path)")
+        l1 = stage["findings"]["cue_l1"]
+        grid = l1 if isinstance(l1, list) else [l1]
+        if not grid or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+                           for v in grid):
+            raise ValueError(f"{path}: [findings] cue_l1: must be a number >= 0 or a list of them")
         cue_labels = stage["findings"]["cue_labels"]
         labels = list(dict(raw.get("model", {})).get("labels", []))
         if not isinstance(cue_labels, list) or any(not isinstance(x, str) for x in cue_labels):
@@ -538,8 +544,13 @@ class Trainer:
                                  for s in self.data.train])
         targets = torch.stack([self.targets(s) for s in self.data.train]).to(peaks.device)
         only = self.run.stage["findings"]["cue_labels"]
-        head.fit_cues(peaks, targets, self._pos_weight,
-                      labels=[self.config.labels.index(x) for x in only] if only else None)
+        chosen = head.fit_cues(
+            peaks, targets, self._pos_weight, l1=self.run.stage["findings"]["cue_l1"],
+            labels=[self.config.labels.index(x) for x in only] if only else None)
+        if isinstance(self.run.stage["findings"]["cue_l1"], list):
+            logger.info("Cue fit L1 per label, by 5-fold cross-validation on the training "
+                        "studies: %s", {label: chosen[self.config.labels.index(label)]
+                                        for label in (only or self.config.labels)})
         from models.probe import auroc
 
         logits = (head.cue_inputs(peaks) @ head.cue.weight.T + head.cue.bias).detach().cpu().numpy()

@@ -75,6 +75,9 @@ def test_stages_keep_their_order(tmp_path: Path) -> None:
     raw["findings"] = {"cue_fit": True, "cue_labels": ["Lung nodule"]}  # not a label of the run
     with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_labels: 'Lung nodule'"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["findings"] = {"cue_fit": True, "cue_l1": [0.01, -0.1]}
+    with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_l1: must be a number"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
     raw["findings"] = {"cue_labels": ["Cardiomegaly"]}  # nothing fitted to restrict
     with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_labels: needs cue_fit"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
