@@ -116,8 +116,13 @@ class FindingHead(nn.Module):
         assert self.cue is not None
         x, y = self.cue_inputs(peaks.float()), targets.float()
         grid = [float(l1)] if isinstance(l1, (int, float)) else [float(v) for v in l1]
-        chosen = (cross_validated_l1(x, y, pos_weight, grid, folds, steps, lr) if len(grid) > 1
-                  else [grid[0]] * y.shape[1])
+        chosen = [grid[0]] * y.shape[1]
+        if len(grid) > 1:  # only the labels the cues are meant for (each its own regression)
+            cols = list(labels) if labels is not None else list(range(y.shape[1]))
+            for j, strength in zip(cols, cross_validated_l1(
+                    x, y[:, cols], pos_weight.reshape(-1)[cols] if pos_weight.numel() > 1
+                    else pos_weight, grid, folds, steps, lr)):
+                chosen[j] = strength
         mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
         weight, bias = sparse_logistic((x - mean) / std, y, pos_weight,
                                        torch.tensor(chosen, device=x.device), steps, lr)
