@@ -127,7 +127,7 @@ NODULE_NONE, NODULE_LUNG, NODULE_SOLID, NODULE_THIN = 0, 1, 2, 3  # slice codes 
 # in arterial views 9. Study-level nodule AUROC of the largest component: 0.835 from the opened
 # mask in every view, 0.883 (small nodules 0.816 -> 0.883) from a logistic regression of that
 # and the unopened mask in enhanced views, kept as a cue of its own. A demo trained with it was
-# worse on validation than the shipped one (runs/demo-enhanced.toml): off by default.
+# worse on validation than the detector-1 demo (runs/demo-enhanced.toml): off by default.
 ENHANCED_PHASES = ("arterial", "portal_venous")
 
 

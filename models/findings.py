@@ -112,7 +112,7 @@ class FindingHead(nn.Module):
         cue_labels``); the other labels' rows stay zero, so their logits come from the
         attention read-out alone. Fitted for all 19 labels of the detector-2 demo candidate,
         every label kept 14-28 cues and Lymphadenopathy, which no cue measures, fell to
-        validation AUROC 0.43 (0.83 in the shipped demo, whose fit kept 0-3 cues per label)."""
+        validation AUROC 0.43 (0.83 in the detector-1 demo, whose fit kept 0-3 cues per label)."""
         assert self.cue is not None
         x, y = self.cue_inputs(peaks.float()), targets.float()
         grid = [float(l1)] if isinstance(l1, (int, float)) else [float(v) for v in l1]

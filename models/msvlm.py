@@ -40,8 +40,8 @@ class MSVLMConfig:
     pyramid_nodules: bool = False  # compact solid components in lung, in 3D (needs lesions)
     # a second nodule cue, before the opening, in enhanced views only (needs nodules)
     pyramid_enhanced_nodules: bool = False
-    # which nodule detector (models/cnn.py NODULE_DETECTORS): 1 as the shipped demo was trained
-    # with, 2 a lung field that keeps a nodule touching its edge and vessel dots told from
+    # which nodule detector (models/cnn.py NODULE_DETECTORS): 1 as the demos until 2026-12-03,
+    # 2 a lung field that keeps a nodule touching its edge and vessel dots told from
     # nodules, 3 detector 2's lung field with every candidate scored by a classifier fitted on
     # phantom nodule positions
     pyramid_nodule_detector: int = 1

@@ -496,8 +496,8 @@ def generate_case(seed: int, study_id: str | None = None, phases: tuple[str, ...
         Labels to set regardless of the seed (everything else stays as the seed makes it).
     nodule_order : str
         ``"size"``: the report lists the nodules largest first and its impression names the
-        largest; ``"placed"``: in the order they were drawn (the reports the demo's language
-        stages were trained on; only the text differs).
+        largest; ``"placed"``: in the order they were drawn (the reports the detector-1 demo's
+        language stages were trained on, runs/demo-detector1.toml; only the text differs).
     """
     if nodule_order not in ("size", "placed"):
         raise ValueError(f"Invalid 'nodule_order' {nodule_order!r} - 'size' or 'placed'")

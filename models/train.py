@@ -96,6 +96,9 @@ class RunConfig:
     stage: dict[str, dict[str, Any]]
     eval_studies: int
     text: str
+    workers: int = 0
+    """``[run] workers``: processes that compute the fixed lower features (0: one per CPU on a
+    CPU run, 1: none besides the run itself)."""
 
     @classmethod
     def from_toml(cls, raw: dict[str, Any], path: Path, text: str = "") -> RunConfig:
@@ -160,11 +163,15 @@ class RunConfig:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{path}: [model]: {exc}") from None
         out = Path(run["out"])
+        workers = run.get("workers", 0)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"{path}: [run] workers: must be a whole number >= 0 (0: one per "
+                             "CPU)")
         return cls(out if out.is_absolute() else (path.parent / out).resolve(),
                    int(run.get("seed", 0)), str(run.get("device", "auto")), stages,
                    dict(raw.get("model", {})), int(raw.get("tokenizer", {}).get("vocab_size",
                                                                                  1000)),
-                   stage, int(run.get("eval_studies", 50)), text)
+                   stage, int(run.get("eval_studies", 50)), text, workers)
 
 
 # -- distributed ---------------------------------------------------------------------------------
@@ -195,6 +202,34 @@ def _dist() -> tuple[int, int]:
         torch.distributed.init_process_group(backend)
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world
+
+
+# -- worker processes -----------------------------------------------------------------------------
+_FORKED: dict[str, Any] = {}
+"""What forked workers read (:meth:`Trainer.in_workers`), set just before the fork: nothing is
+pickled on the way in, only each result on the way back."""
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # the processes are the parallelism
+
+
+def _forked_call(index: int) -> tuple[int, Any]:
+    return index, _FORKED["fn"](_FORKED["items"][index])
+
+
+def _lower_rows(tower: Any, study: StudyItem, sited: bool
+                ) -> list[tuple[torch.Tensor, EncodedView]]:
+    """A two-part tower's fixed lower features of every view of a study (float16, as the
+    findings stage trains on them) with the view's placement (and sites)."""
+    rows = []
+    for v in study.load():
+        feats = tower.lower_view(v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm,
+                                 phase=v.phase, plane=v.plane if sited else None)
+        feats, sites = feats if sited else (feats, None)
+        rows.append((feats.half(), EncodedView(torch.empty(0), torch.as_tensor(
+            v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase, sites=sites)))
+    return rows
 
 
 def _state_hash(module: nn.Module) -> str:
@@ -314,6 +349,7 @@ class Trainer:
         self._pools: dict[str, torch.Tensor] = {}
         self._targets: dict[str, torch.Tensor] = {}
         self._lower: dict[str, list[tuple[torch.Tensor, EncodedView]]] = {}
+        self._fresh: dict[str, list[EncodedView]] = {}  # encoded in workers, not yet cached
         self.probe: dict[str, Any] = {}
         self.head_valid: dict[str, Any] = {}  # the finding head on validation (model card)
         self.findings_origin: dict[str, Any] = {}  # [findings] init_from: where it was trained
@@ -379,8 +415,11 @@ class Trainer:
         if study.study_id in self._cache:
             return self._cache[study.study_id]
         folder = self._cache_dir()
-        path = folder / f"{hashlib.sha256(study.study_id.encode()).hexdigest()[:24]}.pt"
-        if path.exists():
+        path = self._cache_path(study)
+        if study.study_id in self._fresh:  # encoded in a worker (_prefill)
+            rows = [(e.embeddings, e.z_mm, e.modality, e.plane, e.phase, e.sites)
+                    for e in self._fresh.pop(study.study_id)]
+        elif path.exists():
             rows = [(*r, None) if len(r) == 5 else r  # written before sites existed
                     for r in torch.load(path, map_location=self.device, weights_only=False)]
         elif study.study_id in self._lower:  # the findings stage's lower features: no reload
@@ -402,11 +441,24 @@ class Trainer:
         self._cache[study.study_id] = views
         return views
 
+    def _cache_path(self, study: StudyItem) -> Path:
+        name = hashlib.sha256(study.study_id.encode()).hexdigest()[:24]
+        return self._cache_dir() / f"{name}.pt"
+
     def _prefill(self) -> None:
-        """Encode every study once (each rank its share) so training steps only read the cache."""
+        """Encode every study once (each rank its share) so training steps only read the cache;
+        those neither cached nor with lower features in memory (the ``extra`` studies the
+        findings stage did not read) are encoded in :attr:`workers` processes first."""
         studies = self.data.train + self.data.valid
-        for study in tqdm(studies[self.rank::self.world], desc="slice embeddings",
-                          unit="study", disable=not self.main):
+        mine = studies[self.rank::self.world]
+        fresh = [s for s in mine if s.study_id not in self._cache
+                 and s.study_id not in self._lower and not self._cache_path(s).exists()]
+        if self.workers > 1 and len(fresh) > 1:
+            model = self.model.eval()
+            encoded = self.in_workers(lambda s: [model.encode_slices(v) for v in s.load()],
+                                      fresh, "encode")
+            self._fresh.update({s.study_id: e for s, e in zip(fresh, encoded)})
+        for study in tqdm(mine, desc="slice embeddings", unit="study", disable=not self.main):
             self.encoded(study)
         if self.world > 1:
             torch.distributed.barrier()
@@ -519,17 +571,54 @@ class Trainer:
         """The fixed lower part's features of every view of a study, kept in memory (float16)
         with the view's placement: ``[(features (S, F), placement), ...]``."""
         if study.study_id not in self._lower:
-            tower: Any = self.model.vision_tower
-            rows = []
-            sited = bool(self.config.finding_sites)
-            for v in study.load():
-                feats = tower.lower_view(v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm,
-                                         phase=v.phase, plane=v.plane if sited else None)
-                feats, sites = feats if sited else (feats, None)
-                rows.append((feats.half(), EncodedView(torch.empty(0), torch.as_tensor(
-                    v.z_mm, dtype=torch.float32), v.modality, v.plane, v.phase, sites=sites)))
-            self._lower[study.study_id] = rows
+            self._lower[study.study_id] = _lower_rows(
+                self.model.vision_tower, study, bool(self.config.finding_sites))
         return [(f.to(self.device), e) for f, e in self._lower[study.study_id]]
+
+    def lower_all(self, studies: list[StudyItem]) -> None:
+        """:meth:`lower` of every study not yet in memory, in :attr:`workers` processes."""
+        todo = [s for s in studies if s.study_id not in self._lower]
+        tower, sited = self.model.vision_tower, bool(self.config.finding_sites)
+        rows = self.in_workers(lambda s: _lower_rows(tower, s, sited), todo, "lower features")
+        for study, row in zip(todo, rows):
+            self._lower[study.study_id] = row
+
+    @functools.cached_property
+    def workers(self) -> int:
+        """Processes for per-study work on the CPU (generating or reading a study, the fixed
+        lower features: numpy, scipy and small torch operations that gain little from a
+        second thread): ``[run] workers``, with 0 one per CPU this rank may use. A run on a
+        GPU keeps one (a CUDA context does not survive a fork)."""
+        if self.device.type != "cpu":
+            return 1
+        return self.run.workers or max(1, len(os.sched_getaffinity(0)) // self.world)
+
+    def in_workers(self, fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
+        """``[fn(item) for item in items]`` in :attr:`workers` forked processes of one torch
+        thread each (each result pickled back; the same values as in this process: a test),
+        with a progress bar."""
+        bar = tqdm(total=len(items), desc=desc, unit="study", disable=not self.main)
+        out: list[Any] = [None] * len(items)
+        try:
+            if self.workers < 2 or len(items) < 2:
+                for i, item in enumerate(items):
+                    out[i] = fn(item)
+                    bar.update()
+                return out
+            import multiprocessing
+
+            _FORKED.update(fn=fn, items=items)
+            try:
+                with multiprocessing.get_context("fork").Pool(
+                        min(self.workers, len(items)), initializer=_one_thread) as pool:
+                    for i, result in pool.imap_unordered(_forked_call, range(len(items))):
+                        out[i] = result
+                        bar.update()
+            finally:
+                _FORKED.clear()
+            return out
+        finally:
+            bar.close()
 
     def _fit_cues(self) -> None:
         """Start the head's cue path from the sparse (L1) logistic regression of the training
@@ -669,9 +758,7 @@ class Trainer:
         if stage not in ("pretrain", "findings"):
             self._prefill()
         if stage == "findings" and self._two_part():
-            for study in tqdm(self.data.train + self.data.valid, desc="lower features",
-                              unit="study", disable=not self.main):
-                self.lower(study)
+            self.lower_all(self.data.train + self.data.valid)
             tower: Any = self.model.vision_tower
             if getattr(tower, "detail", False):  # every 4th slice of the training split
                 sample = torch.cat([f[::4].float() for s in self.data.train
@@ -954,7 +1041,11 @@ class Trainer:
                 res = m.resampler(seq, key_valid)
                 projected = m.multi_modal_projector(res)[0]
                 views = s.load()
-                rand = torch.cat([random_model.encode_slices(v).embeddings for v in views])
+                if self._two_part():  # the lower part is fixed: the same features, random upper
+                    rand = torch.cat([random_model.vision_tower(f.float())
+                                      for f, _ in self.lower(s)])
+                else:
+                    rand = torch.cat([random_model.encode_slices(v).embeddings for v in views])
                 e, tokens = emb[0], seq[0, G:]
                 row = {"HU histogram (control)": hu_histogram([v.pixels for v in views]),
                        "random-init encoder, mean+max (control)": torch.cat(

@@ -860,3 +860,44 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
     if detail:  # fitted, not the identity it starts as, and part of the saved state
         assert float(tower.feature_std.min()) >= 0.0099 and float(tower.feature_mean.abs().max()) > 0
         assert "vision_tower.feature_mean" in trainer.model.state_dict()
+
+
+def test_worker_processes_compute_what_the_run_itself_computes(tmp_path: Path) -> None:
+    """``[run] workers``: the fixed lower features of the findings stage (with the 3D nodule
+    cues and sites of detector 3) and the embeddings of studies the stage did not read are
+    computed in forked processes of one thread each, bit for bit what the run computes itself
+    with two threads (so a run's weights do not depend on how many CPUs computed them); a bad
+    value is refused by name."""
+    def run(name: str, workers: int) -> Trainer:
+        raw = {"run": {"out": str(tmp_path / name), "device": "cpu", "seed": 3,
+                       "stages": ["findings"], "workers": workers},
+               "model": {"encoder": "pyramid", "pyramid_detail": True, "pyramid_lesions": True,
+                         "pyramid_nodules": True, "pyramid_nodule_detector": 3,
+                         "image_size": 64, "vision_hidden": 64, "z_hidden": 32, "z_layers": 1,
+                         "z_heads": 2, "z_mlp": 64, "num_queries": 4, "finding_sites": 2,
+                         "labels": ["Lung nodule"], "head_heads": 2,
+                         "lm_config": TINY["lm_config"]}}
+        return Trainer(RunConfig.from_toml(raw, tmp_path / "run.toml"), data)
+
+    data = phantom_dataset(5, 1, seed=5, matrix=64, slices=24, prevalence=0.6)
+    torch.set_num_threads(2)
+    alone, pooled = run("alone", 1), run("pooled", 2)
+    assert alone.workers == 1 and pooled.workers == 2
+    pooled.lower_all(data.train)
+    for study in data.train:
+        for (a, ea), (b, eb) in zip(alone.lower(study), pooled.lower(study)):
+            assert torch.equal(a, b) and torch.equal(ea.z_mm, eb.z_mm)
+            assert ea.sites is not None and eb.sites is not None and torch.equal(ea.sites,
+                                                                                eb.sites)
+    assert any(len(e.sites) for s in data.train for _, e in pooled.lower(s))  # sites found
+    # studies without lower features in memory (extra studies) are encoded in workers
+    extra = [data.train[0], data.valid[0]]
+    pooled._lower.pop(extra[0].study_id)
+    pooled._prefill()
+    for study in extra:
+        assert study.study_id not in pooled._lower and study.study_id in pooled._cache
+        for a, b in zip(pooled.encoded(study),
+                        [alone.model.encode_slices(v) for v in study.load()]):
+            assert torch.equal(a.embeddings, b.embeddings)
+    with pytest.raises(ValueError, match=r"run.toml: \[run\] workers: must be a whole number"):
+        RunConfig.from_toml({"run": {"out": "x", "workers": -1}}, tmp_path / "run.toml")

@@ -92,7 +92,7 @@ def test_report_leads_with_the_largest_nodule() -> None:
         assert nodules(case.impression)[0] == (largest.diameter_mm, largest.side, largest.lobe)
         assert f"and {len(case.nodules) - 1} other nodule(s)" in case.impression
         assert [size for size, _, _ in nodules(report_variant(case, 1)[0])] == sizes
-        # "placed": the order they were drawn (what the demo's language stages read), the
+        # "placed": the order they were drawn (what the detector-1 demo's language stages read), the
         # images and every other sentence the same
         placed = generate_case(seed, force={"Lung nodule": True}, slices=16,
                                nodule_order="placed")
