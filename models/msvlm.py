@@ -594,9 +594,7 @@ class MSVLM(nn.Module):
                     plane=view.plane if self.config.finding_sites else None)
                 if self.config.finding_sites:
                     feats, sites = feats
-                for start in range(0, view.num_slices, self.config.slice_batch):
-                    chunks.append(self.vision_tower(
-                        feats[start:start + self.config.slice_batch]))
+                chunks.append(self.upper_slices(feats))
             else:
                 for start in range(0, view.num_slices, self.config.slice_batch):
                     x = preprocess(view.pixels[start:start + self.config.slice_batch],
@@ -608,6 +606,13 @@ class MSVLM(nn.Module):
         sites = sites.clone() if sites is not None else None
         return EncodedView(emb, z, view.modality, view.plane, view.phase,
                            view.series_instance_uid, sites)
+
+    def upper_slices(self, feats: torch.Tensor) -> torch.Tensor:
+        """A two-part tower's trained upper part on a view's lower features ``(S, F)``,
+        ``slice_batch`` slices at a time (as :meth:`encode_slices`; a matrix product's last bits
+        depend on its shape and the thread count, so every path uses this one)."""
+        return torch.cat([self.vision_tower(feats[start:start + self.config.slice_batch])
+                          for start in range(0, len(feats), self.config.slice_batch)])
 
     # -- decode: embeddings of all views -> visual tokens -> text ------------------------------------
     def collate(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor, ...]:

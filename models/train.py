@@ -447,17 +447,35 @@ class Trainer:
 
     def _prefill(self) -> None:
         """Encode every study once (each rank its share) so training steps only read the cache;
-        those neither cached nor with lower features in memory (the ``extra`` studies the
-        findings stage did not read) are encoded in :attr:`workers` processes first."""
+        for those neither cached nor with lower features in memory (the ``extra`` studies the
+        findings stage did not read) a two-part tower's lower part runs in :attr:`workers`
+        processes first."""
         studies = self.data.train + self.data.valid
         mine = studies[self.rank::self.world]
         fresh = [s for s in mine if s.study_id not in self._cache
                  and s.study_id not in self._lower and not self._cache_path(s).exists()]
-        if self.workers > 1 and len(fresh) > 1:
+        if self.workers > 1 and len(fresh) > 1 and self._two_part():
+            # the fixed lower part in workers (the same values with one thread as with more);
+            # the trained upper part here, whose matrix products' last bits depend on the
+            # thread count (measured: 45 of 400 studies differed when workers ran it)
             model = self.model.eval()
-            encoded = self.in_workers(lambda s: [model.encode_slices(v) for v in s.load()],
-                                      fresh, "encode")
-            self._fresh.update({s.study_id: e for s, e in zip(fresh, encoded)})
+            sited = bool(self.config.finding_sites)
+
+            def lowered(s: StudyItem) -> list[tuple[Any, ...]]:
+                return [(model.vision_tower.lower_view(
+                    v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm, self.config.slice_batch,
+                    "cpu", v.phase, plane=v.plane if sited else None), v.z_mm, v.modality,
+                    v.plane, v.phase, v.series_instance_uid) for v in s.load()]
+
+            for study, views in zip(fresh, self.in_workers(lowered, fresh, "lower features")):
+                encoded = []
+                for feats, z_mm, *placement in views:
+                    feats, sites = feats if sited else (feats, None)
+                    with torch.inference_mode():
+                        emb = model.upper_slices(feats.to(self.device))
+                    encoded.append(EncodedView(emb.clone(), torch.as_tensor(
+                        z_mm, dtype=torch.float32, device=self.device), *placement, sites))
+                self._fresh[study.study_id] = encoded
         for study in tqdm(mine, desc="slice embeddings", unit="study", disable=not self.main):
             self.encoded(study)
         if self.world > 1:
@@ -591,12 +609,14 @@ class Trainer:
         GPU keeps one (a CUDA context does not survive a fork)."""
         if self.device.type != "cpu":
             return 1
-        return self.run.workers or max(1, len(os.sched_getaffinity(0)) // self.world)
+        cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
+        return self.run.workers or max(1, cpus // self.world)
 
     def in_workers(self, fn: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
         """``[fn(item) for item in items]`` in :attr:`workers` forked processes of one torch
-        thread each (each result pickled back; the same values as in this process: a test),
-        with a progress bar."""
+        thread each (each result pickled back), with a progress bar. Give them only work whose
+        values do not depend on the thread count (the fixed lower features: a test)."""
         bar = tqdm(total=len(items), desc=desc, unit="study", disable=not self.main)
         out: list[Any] = [None] * len(items)
         try:

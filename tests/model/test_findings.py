@@ -864,10 +864,11 @@ def test_findings_stage_learns_large_findings(tmp_path: Path, detail: bool) -> N
 
 def test_worker_processes_compute_what_the_run_itself_computes(tmp_path: Path) -> None:
     """``[run] workers``: the fixed lower features of the findings stage (with the 3D nodule
-    cues and sites of detector 3) and the embeddings of studies the stage did not read are
-    computed in forked processes of one thread each, bit for bit what the run computes itself
-    with two threads (so a run's weights do not depend on how many CPUs computed them); a bad
-    value is refused by name."""
+    cues and sites of detector 3), and of studies the stage did not read, are computed in
+    forked processes of one thread each, bit for bit what the run computes itself with two
+    threads, and the embeddings of those studies equal :meth:`encode_slices` in the run's own
+    process (the trained upper part stays there: a matrix product's last bits depend on the
+    thread count); a bad value is refused by name."""
     def run(name: str, workers: int) -> Trainer:
         raw = {"run": {"out": str(tmp_path / name), "device": "cpu", "seed": 3,
                        "stages": ["findings"], "workers": workers},
