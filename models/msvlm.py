@@ -588,12 +588,7 @@ class MSVLM(nn.Module):
                 chunks.append(slabs[self.vision_tower.slab_of_slices(view.num_slices).to(
                     slabs.device)])
             elif raw:  # the tower's fixed lower part reads the values (HU) itself
-                feats = self.vision_tower.lower_view(
-                    view.pixels, view.modality, view.z_mm, view.pixel_spacing_mm,
-                    self.config.slice_batch, self.device, view.phase,
-                    plane=view.plane if self.config.finding_sites else None)
-                if self.config.finding_sites:
-                    feats, sites = feats
+                feats, sites = self.lower_slices(view)
                 chunks.append(self.upper_slices(feats))
             else:
                 for start in range(0, view.num_slices, self.config.slice_batch):
@@ -606,6 +601,15 @@ class MSVLM(nn.Module):
         sites = sites.clone() if sites is not None else None
         return EncodedView(emb, z, view.modality, view.plane, view.phase,
                            view.series_instance_uid, sites)
+
+    def lower_slices(self, view: View) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A two-part tower's fixed lower features ``(S, F)`` of a view, with its nodule sites
+        where the model takes them (else None); :meth:`upper_slices` finishes the embedding."""
+        feats = self.vision_tower.lower_view(
+            view.pixels, view.modality, view.z_mm, view.pixel_spacing_mm,
+            self.config.slice_batch, self.device, view.phase,
+            plane=view.plane if self.config.finding_sites else None)
+        return feats if self.config.finding_sites else (feats, None)
 
     def upper_slices(self, feats: torch.Tensor) -> torch.Tensor:
         """A two-part tower's trained upper part on a view's lower features ``(S, F)``,

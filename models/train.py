@@ -459,18 +459,14 @@ class Trainer:
             # the trained upper part here, whose matrix products' last bits depend on the
             # thread count (measured: 45 of 400 studies differed when workers ran it)
             model = self.model.eval()
-            sited = bool(self.config.finding_sites)
 
             def lowered(s: StudyItem) -> list[tuple[Any, ...]]:
-                return [(model.vision_tower.lower_view(
-                    v.pixels, v.modality, v.z_mm, v.pixel_spacing_mm, self.config.slice_batch,
-                    "cpu", v.phase, plane=v.plane if sited else None), v.z_mm, v.modality,
-                    v.plane, v.phase, v.series_instance_uid) for v in s.load()]
+                return [(*model.lower_slices(v), v.z_mm, v.modality, v.plane, v.phase,
+                         v.series_instance_uid) for v in s.load()]
 
             for study, views in zip(fresh, self.in_workers(lowered, fresh, "lower features")):
                 encoded = []
-                for feats, z_mm, *placement in views:
-                    feats, sites = feats if sited else (feats, None)
+                for feats, sites, z_mm, *placement in views:
                     with torch.inference_mode():
                         emb = model.upper_slices(feats.to(self.device))
                     encoded.append(EncodedView(emb.clone(), torch.as_tensor(
