@@ -1,6 +1,7 @@
 """Fit nodule detector 3's candidate classifier (``models/cnn.py`` ``NODULE_SCORER``).
 
     .venv/bin/python bench/fit_nodule_scorer.py [--fit-studies 200] [--report-studies 150]
+        [--matrix 128] [--nodules-only]
 
 Detector 2's lung field and solid tissue on phantoms of seed 73 (the detector's seed, never a
 training, validation or held-out one); every candidate of ``nodule_candidates`` is labelled a
@@ -10,7 +11,11 @@ regression of the log1p features, standardised, is fitted (Adam, 1,500 full-batc
 torch seed 0), then reported on phantoms of seed 74 (used for nothing else): candidate AUROC;
 per study the best candidate's probability against detector 2's largest component (nodule
 studies, small-nodule studies against studies without a nodule) and how often it is a true
-nodule. Prints the constants to paste into ``models/cnn.py``.
+nodule; and the candidates of small (<= 6 mm) nodules against those of no nodule: AUROC and how
+many reach a site (``NODULE_SITE_MIN_P``). Prints the constants to paste into ``models/cnn.py``.
+``--matrix``: draw the phantoms at another in-plane matrix (the demo's data: 128);
+``--nodules-only``: every phantom has one or two nodules (more candidates of small ones; the
+per-study AUROCs then have no negative studies and are not printed).
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from models.probe import auroc
 FIT_SEED, REPORT_SEED = 73, 74
 
 
-def candidates(count: int, seed: int) -> list[dict]:
-    """Per axial view of ``count`` phantoms: its candidates' features, which are nodules,
-    whether the study has one (small: <= 6 mm) and detector 2's largest component."""
+def candidates(count: int, seed: int, **options: object) -> list[dict]:
+    """Per axial view of ``count`` phantoms (``options``: of :func:`iter_cases`): its
+    candidates' features, which are nodules (and which small ones), whether the study has one
+    (small: <= 6 mm) and detector 2's largest component."""
     views = []
     start = time.time()
-    for i, case in enumerate(iter_cases(count, seed)):
+    for i, case in enumerate(iter_cases(count, seed, **options)):
         for view in case.views:
             if view.plane != "axial":
                 continue
@@ -41,20 +47,24 @@ def candidates(count: int, seed: int) -> list[dict]:
             dz = float(np.median(np.diff(view.z_mm)))
             spacing = (dz, *view.pixel_spacing_mm)
             S, H, W = codes.shape
-            rows, hits = [], []
+            rows, hits, small = [], [], []
             for box, _, feats in nodule_candidates(codes, spacing):
-                hit = False
+                hit = tiny = False
                 for nodule in case.nodules:
                     x, y, z = nodule.center_mm
                     index = (int(np.argmin(np.abs(view.z_mm - z))),
                              int(round(y / spacing[1] + (H - 1) / 2)),
                              int(round(x / spacing[2] + (W - 1) / 2)))
-                    hit |= all(b.start - 1 <= q <= b.stop for b, q in zip(box, index))
+                    inside = all(b.start - 1 <= q <= b.stop for b, q in zip(box, index))
+                    hit |= inside
+                    tiny |= inside and nodule.diameter_mm <= 6.0
                 rows.append(feats)
                 hits.append(hit)
+                small.append(tiny)
             largest = max((v for _, v, _ in _nodule_components(codes, spacing, detector=2)),
                           default=0.0)
-            views.append({"study": i, "features": rows, "hits": hits, "largest": largest,
+            views.append({"study": i, "features": rows, "hits": hits, "small_hits": small,
+                          "largest": largest,
                           "nodule": bool(case.labels["Lung nodule"]),
                           "small": any(n.diameter_mm <= 6.0 for n in case.nodules)})
         if (i + 1) % 25 == 0:
@@ -88,11 +98,12 @@ def report(views: list[dict], scorer: dict) -> None:
     import models.cnn as cnn
 
     cnn.NODULE_SCORER = scorer
-    p_all, y_all, studies = [], [], {}
+    p_all, y_all, small_all, studies = [], [], [], {}
     for v in views:
         p = cnn.nodule_probability(np.array(v["features"])) if v["features"] else np.zeros(0)
         p_all += list(p)
         y_all += v["hits"]
+        small_all += v["small_hits"]
         s = studies.setdefault(v["study"], {"best": 0.0, "hit": False, "largest": 0.0,
                                             "nodule": v["nodule"], "small": v["small"]})
         if len(p) and p.max() > s["best"]:
@@ -102,12 +113,20 @@ def report(views: list[dict], scorer: dict) -> None:
     y = np.array([r["nodule"] for r in rows], dtype=float)
     print(f"candidates: {len(y_all)} ({int(sum(y_all))} nodules), AUROC "
           f"{auroc(np.array(p_all), np.array(y_all, dtype=float)):.3f}")
-    for name in ("best", "largest"):
-        s = np.array([r[name] for r in rows])
-        keep = np.array([r["small"] or not r["nodule"] for r in rows])
-        what = "detector 3 best candidate" if name == "best" else "detector 2 largest"
-        print(f"per study, {what}: nodule AUROC {auroc(s, y):.3f}, small nodules vs none "
-              f"{auroc(s[keep], y[keep]):.3f}")
+    p_arr, hit, tiny = np.array(p_all), np.array(y_all, bool), np.array(small_all, bool)
+    keep = tiny | ~hit
+    if tiny.any():
+        print(f"small-nodule candidates: {int(tiny.sum())}, against the {int((~hit).sum())} of "
+              f"no nodule AUROC {auroc(p_arr[keep], tiny[keep].astype(float)):.3f}; "
+              f">= {cnn.NODULE_SITE_MIN_P}: {int((p_arr[tiny] >= cnn.NODULE_SITE_MIN_P).sum())} "
+              f"of them, {int((p_arr[~hit] >= cnn.NODULE_SITE_MIN_P).sum())} of no nodule")
+    if not all(r["nodule"] for r in rows):  # per study: needs studies without a nodule
+        for name in ("best", "largest"):
+            s = np.array([r[name] for r in rows])
+            keep = np.array([r["small"] or not r["nodule"] for r in rows])
+            what = "detector 3 best candidate" if name == "best" else "detector 2 largest"
+            print(f"per study, {what}: nodule AUROC {auroc(s, y):.3f}, small nodules vs none "
+                  f"{auroc(s[keep], y[keep]):.3f}")
     print(f"best candidate is a true nodule in {sum(r['hit'] for r in rows if r['nodule'])} of "
           f"{int(y.sum())} nodule studies")
 
@@ -116,9 +135,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-studies", type=int, default=200)
     parser.add_argument("--report-studies", type=int, default=150)
+    parser.add_argument("--matrix", type=int, default=128)
+    parser.add_argument("--nodules-only", action="store_true")
     args = parser.parse_args()
-    scorer = fit(candidates(args.fit_studies, FIT_SEED))
-    report(candidates(args.report_studies, REPORT_SEED), scorer)
+    options: dict = {"matrix": args.matrix}
+    if args.nodules_only:
+        options["force"] = {"Lung nodule": True}
+    scorer = fit(candidates(args.fit_studies, FIT_SEED, **options))
+    report(candidates(args.report_studies, REPORT_SEED, **options), scorer)
     print("\nNODULE_SCORER = {")
     for key in ("mean", "std", "weight"):
         print(f'    "{key}": np.array([{", ".join(f"{v:.4f}" for v in scorer[key])}]),')
