@@ -33,6 +33,23 @@ from models.probe import auroc
 FIT_SEED, REPORT_SEED = 73, 74
 
 
+def candidate_hits(box: tuple[slice, ...], nodules: list, z_mm: np.ndarray,
+                   spacing: tuple[float, float, float], shape: tuple[int, int]
+                   ) -> tuple[bool, bool]:
+    """Whether a candidate's box (one voxel of slack) holds a phantom nodule's centre, and
+    whether it holds a small (<= 6 mm) one's."""
+    H, W = shape
+    hit = small = False
+    for nodule in nodules:
+        x, y, z = nodule.center_mm
+        index = (int(np.argmin(np.abs(z_mm - z))), int(round(y / spacing[1] + (H - 1) / 2)),
+                 int(round(x / spacing[2] + (W - 1) / 2)))
+        inside = all(b.start - 1 <= q <= b.stop for b, q in zip(box, index))
+        hit |= inside
+        small |= inside and nodule.diameter_mm <= 6.0
+    return hit, small
+
+
 def candidates(count: int, seed: int, **options: object) -> list[dict]:
     """Per axial view of ``count`` phantoms (``options``: of :func:`iter_cases`): its
     candidates' features, which are nodules (and which small ones), whether the study has one
@@ -49,15 +66,7 @@ def candidates(count: int, seed: int, **options: object) -> list[dict]:
             S, H, W = codes.shape
             rows, hits, small = [], [], []
             for box, _, feats in nodule_candidates(codes, spacing):
-                hit = tiny = False
-                for nodule in case.nodules:
-                    x, y, z = nodule.center_mm
-                    index = (int(np.argmin(np.abs(view.z_mm - z))),
-                             int(round(y / spacing[1] + (H - 1) / 2)),
-                             int(round(x / spacing[2] + (W - 1) / 2)))
-                    inside = all(b.start - 1 <= q <= b.stop for b, q in zip(box, index))
-                    hit |= inside
-                    tiny |= inside and nodule.diameter_mm <= 6.0
+                hit, tiny = candidate_hits(box, case.nodules, view.z_mm, spacing, (H, W))
                 rows.append(feats)
                 hits.append(hit)
                 small.append(tiny)
@@ -73,6 +82,24 @@ def candidates(count: int, seed: int, **options: object) -> list[dict]:
     return views
 
 
+def train_balanced(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
+                   weight_decay: float, steps: int = 1500) -> torch.Tensor:
+    """Full-batch Adam on the class-balanced BCE of ``module(x)`` (one logit per row); the
+    last loss."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+    share = y.double().mean()  # in float64, as numpy gave it
+    pos_weight = (1 - share) / share
+    module.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            module(x).squeeze(1), y, pos_weight=pos_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module.eval()
+    return loss
+
+
 def fit(views: list[dict]) -> dict[str, np.ndarray | float]:
     x = np.log1p(np.abs(np.array([f for v in views for f in v["features"]], dtype=np.float64)))
     y = np.array([h for v in views for h in v["hits"]], dtype=np.float64)
@@ -81,14 +108,7 @@ def fit(views: list[dict]) -> dict[str, np.ndarray | float]:
     yt = torch.tensor(y, dtype=torch.float32)
     torch.manual_seed(0)
     linear = torch.nn.Linear(x.shape[1], 1)
-    opt = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
-    pos_weight = torch.tensor((1 - y.mean()) / y.mean())
-    for _ in range(1500):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            linear(xt).squeeze(1), yt, pos_weight=pos_weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    loss = train_balanced(linear, xt, yt, lr=1e-2, weight_decay=1e-4)
     print(f"fitted on {len(y)} candidates ({int(y.sum())} nodules), loss {loss.item():.3f}")
     return {"mean": mean, "std": std, "weight": linear.weight.detach().double().numpy()[0],
             "bias": float(linear.bias.item())}
