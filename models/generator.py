@@ -195,12 +195,12 @@ class ReportGenerator:
                                          for r in records]).astype(np.float32))
         if not self.volume_cues:
             return emb, None
-        from models.cnn import nodule_components, unpack_codes
+        from models.cnn import unpack_codes
 
         tower: Any = self.model.vision_tower
         codes = np.stack([unpack_codes(r[4 * dim:]) for r in records])
         spacing = tower.grid_spacing(shape, pixel_mm, z_mm)
-        found = nodule_components(codes, spacing, detector=tower.nodule_detector)
+        found = tower.find_nodules(codes, spacing)
         cues = tower.view_cues(codes, spacing, phase, found)
         with torch.inference_mode():
             emb[:, -tower.view_cue_dim:] = tower.volume_embedding(torch.from_numpy(cues)).cpu()

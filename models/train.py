@@ -79,6 +79,12 @@ def supervision(config: Any) -> str:
         text += (", except the nodule detector's candidate classifier (models/cnn.py "
                  "NODULE_SCORER, 17 numbers), fitted on the nodule positions of 200 phantoms "
                  "of seed 73 (bench/fit_nodule_scorer.py), which real data sets do not have")
+    elif (config.encoder == "pyramid" and config.pyramid_nodules
+            and config.pyramid_nodule_detector == 4):
+        text += (", except the nodule detector's candidate classifier (models/cnn.py "
+                 "NODULE_MLP_FILE, an MLP of 577 weights kept in the checkpoint), fitted on the "
+                 "nodule positions of 500 phantoms of seed 73 with one or two nodules each "
+                 "(bench/fit_nodule_scorer.py --mlp), which real data sets do not have")
     return text
 
 

@@ -468,7 +468,7 @@ def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_ve
     assert edge[:3] == (24, 64, 25) and 7.0 < edge[3] < 11.0
     assert high[:3] == (34, 52, 40) and 9.5 < high[3] < 11.0
     with pytest.raises(ValueError, match="pyramid_nodule_detector"):
-        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=4)
+        PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=5)
     with pytest.raises(ValueError, match="pyramid_enhanced_nodules"):  # it would repeat the cue
         PyramidSliceEncoder(64, detail=True, lesions=True, nodules=True, nodule_detector=2,
                             enhanced_nodules=True)
@@ -508,6 +508,43 @@ def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones()
     card = supervision(MSVLMConfig(encoder="pyramid", pyramid_nodules=True,
                                    pyramid_nodule_detector=3))
     assert "nodule positions" in card and "nodule positions" not in supervision(MSVLMConfig())
+
+
+def test_detector_4_scores_with_the_mlp_the_checkpoint_keeps() -> None:
+    """``nodule_detector = 4`` on the same chest: detector 3's candidates, scored by the shipped
+    MLP (``NODULE_MLP_FILE``), again put the three nodules above every vessel dot and the dots
+    below its site cut; the encoder keeps the scorer as buffers, so a checkpoint carries it:
+    changed weights in the encoder change its cue, sites and card, not the file's."""
+    from models.cnn import (NODULE_MLP_KEYS, PyramidSliceEncoder, _nodule_components,
+                            nodule_mlp, site_min_p, slice_codes)
+    from models.msvlm import MSVLMConfig
+    from models.train import supervision
+
+    vol, z = _chest_with_nodules_and_vessel_dots()
+    codes = slice_codes(vol, 4)
+    found = list(_nodule_components(codes, (2.5, 2.5, 2.5), detector=4))
+    dots = [p for b, _, p in found if b[0] == slice(30, 31)]
+    nodules = sorted((p for b, _, p in found if b[0] != slice(30, 31)), reverse=True)
+    assert len(dots) == 6 and len(nodules) == 3
+    assert min(nodules) > max(dots) and max(dots) < site_min_p(4) <= min(nodules)
+    linear = sorted(p for b, _, p in _nodule_components(codes, (2.5, 2.5, 2.5), detector=3)
+                    if b[0] != slice(30, 31))
+    assert linear != pytest.approx(sorted(nodules))  # not detector 3 under another name
+    enc = PyramidSliceEncoder(64, grid=3, detail=True, matrix=128, lesions=True, nodules=True,
+                              nodule_detector=4)
+    state = enc.state_dict()
+    assert all(f"nodule_mlp_{k}" in state for k in NODULE_MLP_KEYS)
+    feats, sites = enc.lower_view(vol, "CT", z, (2.5, 2.5), plane="axial")
+    assert len(sites) == 2 and 9.5 < sites[0, 0] < 11.0
+    assert feats[:, -9:].max().item() == pytest.approx(nodules[0], rel=1e-5)
+    with torch.no_grad():  # a checkpoint trained with another scorer
+        enc.nodule_mlp_b2.fill_(-50.0)
+    feats, sites = enc.lower_view(vol, "CT", z, (2.5, 2.5), plane="axial")
+    assert len(sites) == 0 and feats[:, -9:].max().item() < 1e-6
+    assert nodule_mlp()["b2"].item() > -50.0  # the shipped file untouched
+    card = supervision(MSVLMConfig(encoder="pyramid", pyramid_nodules=True,
+                                   pyramid_nodule_detector=4))
+    assert "nodule positions of 500 phantoms" in card
 
 
 def test_cue_scale_per_type_lets_the_maximum_over_cells_compare_sizes() -> None:
