@@ -474,6 +474,22 @@ def test_detector_2_keeps_a_nodule_at_the_lung_edge_and_a_small_one_and_drops_ve
                             enhanced_nodules=True)
 
 
+def _scored_chest(detector: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, list, list]:
+    """The chest of the detector-2 test scored by ``detector`` (3 or 4): its volume, z, codes,
+    every component, the six vessel dots' probabilities and the three nodules' (highest first);
+    the nodules above every dot and the dots below the detector's site cut."""
+    from models.cnn import _nodule_components, site_min_p, slice_codes
+
+    vol, z = _chest_with_nodules_and_vessel_dots()
+    codes = slice_codes(vol, detector)
+    found = list(_nodule_components(codes, (2.5, 2.5, 2.5), detector=detector))
+    dots = [p for b, _, p in found if b[0] == slice(30, 31)]
+    nodules = sorted((p for b, _, p in found if b[0] != slice(30, 31)), reverse=True)
+    assert len(dots) == 6 and len(nodules) == 3
+    assert min(nodules) > max(dots) and max(dots) < site_min_p(detector) <= min(nodules)
+    return vol, z, codes, found, dots, nodules
+
+
 def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones() -> None:
     """``nodule_detector = 3`` on the chest of the detector-2 test: the classifier fitted on
     phantoms (``NODULE_SCORER``) gives the three nodules (high, small, at the lung's edge) a
@@ -481,18 +497,12 @@ def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones()
     ``NODULE_SITE_MIN_P``; the cue of the small nodule's cell is its probability on the slices
     it cuts; the sites are the two most probable nodules (the high one first, at its size),
     never a dot; and the view's embedding carries the cue once the encoder uses detector 3."""
-    from models.cnn import (NODULE_SITE_MIN_P, PyramidSliceEncoder, _nodule_components,
-                            nodule_cues, nodule_sites, slice_codes)
+    from models.cnn import NODULE_SITE_MIN_P, PyramidSliceEncoder, nodule_cues, nodule_sites
     from models.msvlm import MSVLMConfig
     from models.train import supervision
 
-    vol, z = _chest_with_nodules_and_vessel_dots()
-    codes = slice_codes(vol, 3)
-    found = list(_nodule_components(codes, (2.5, 2.5, 2.5), detector=3))
-    dots = [p for b, _, p in found if b[0] == slice(30, 31)]
-    nodules = sorted((p for b, _, p in found if b[0] != slice(30, 31)), reverse=True)
-    assert len(dots) == 6 and len(nodules) == 3
-    assert min(nodules) > max(dots) and max(dots) < NODULE_SITE_MIN_P <= min(nodules)
+    vol, z, codes, found, dots, nodules = _scored_chest(3)
+    assert NODULE_SITE_MIN_P == 0.8
     cue = nodule_cues(codes, (2.5, 2.5, 2.5), 3, detector=3)
     [small] = [p for b, _, p in found if b[0] == slice(20, 22)]
     np.testing.assert_allclose(cue[20:22, 3], small, rtol=1e-6)  # the left middle cell
@@ -515,18 +525,11 @@ def test_detector_4_scores_with_the_mlp_the_checkpoint_keeps() -> None:
     MLP (``NODULE_MLP_FILE``), again put the three nodules above every vessel dot and the dots
     below its site cut; the encoder keeps the scorer as buffers, so a checkpoint carries it:
     changed weights in the encoder change its cue, sites and card, not the file's."""
-    from models.cnn import (NODULE_MLP_KEYS, PyramidSliceEncoder, _nodule_components,
-                            nodule_mlp, site_min_p, slice_codes)
+    from models.cnn import NODULE_MLP_KEYS, PyramidSliceEncoder, _nodule_components, nodule_mlp
     from models.msvlm import MSVLMConfig
     from models.train import supervision
 
-    vol, z = _chest_with_nodules_and_vessel_dots()
-    codes = slice_codes(vol, 4)
-    found = list(_nodule_components(codes, (2.5, 2.5, 2.5), detector=4))
-    dots = [p for b, _, p in found if b[0] == slice(30, 31)]
-    nodules = sorted((p for b, _, p in found if b[0] != slice(30, 31)), reverse=True)
-    assert len(dots) == 6 and len(nodules) == 3
-    assert min(nodules) > max(dots) and max(dots) < site_min_p(4) <= min(nodules)
+    vol, z, codes, _, _, nodules = _scored_chest(4)
     linear = sorted(p for b, _, p in _nodule_components(codes, (2.5, 2.5, 2.5), detector=3)
                     if b[0] != slice(30, 31))
     assert linear != pytest.approx(sorted(nodules))  # not detector 3 under another name
