@@ -202,7 +202,8 @@ def main() -> None:
         tiny = np.array([h for v in views for h in v["small_hits"]], dtype=bool)
         false3 = int((p3[~hit] >= cnn.NODULE_SITE_MIN_P).sum())
         # the lowest cut (0.01 steps) that lets through no more false candidates
-        cut = min(c / 100 for c in range(50, 100) if (p4[~hit] >= c / 100).sum() <= false3)
+        cut = min((c / 100 for c in range(50, 100) if (p4[~hit] >= c / 100).sum() <= false3),
+                  default=0.99)
         print(f"site cut for as many false candidates as detector 3 at "
               f"{cnn.NODULE_SITE_MIN_P} ({false3}): {cut:.2f}, small nodules' candidates "
               f"above it {int((p4[tiny] >= cut).sum())} (detector 3: "
