@@ -353,7 +353,7 @@ def nodule_probability(features: np.ndarray, scorer: dict[str, np.ndarray] | Non
     use = NODULE_SCORER if scorer is None else scorer
     x = (np.log1p(np.abs(np.asarray(features, dtype=np.float64))) - use["mean"]) / use["std"]
     if scorer is None:
-        logit = x @ NODULE_SCORER["weight"] + NODULE_SCORER["bias"]
+        logit = x @ use["weight"] + use["bias"]
     else:
         hidden = np.maximum(x @ scorer["w1"].T + scorer["b1"], 0.0)
         logit = hidden @ scorer["w2"].reshape(-1) + scorer["b2"].reshape(())
@@ -374,10 +374,12 @@ def _nodule_components(codes: np.ndarray, spacing_mm: tuple[float, float, float]
     from scipy import ndimage
 
     if detector in (3, 4):
+        if detector == 4 and scorer is None:
+            scorer = nodule_mlp()
         found = nodule_candidates(codes, spacing_mm)
         if found:
-            p = nodule_probability(np.array([f for _, _, f in found]), None if detector == 3
-                                   else scorer if scorer is not None else nodule_mlp())
+            p = nodule_probability(np.array([f for _, _, f in found]),
+                                   scorer if detector == 4 else None)
             for (box, volume, _), prob in zip(found, p):
                 yield box, volume, float(prob)
         return

@@ -497,12 +497,13 @@ def test_detector_3_ranks_nodules_above_vessel_dots_and_sites_only_likely_ones()
     ``NODULE_SITE_MIN_P``; the cue of the small nodule's cell is its probability on the slices
     it cuts; the sites are the two most probable nodules (the high one first, at its size),
     never a dot; and the view's embedding carries the cue once the encoder uses detector 3."""
-    from models.cnn import NODULE_SITE_MIN_P, PyramidSliceEncoder, nodule_cues, nodule_sites
+    from models.cnn import (NODULE_SITE_MIN_P, PyramidSliceEncoder, nodule_cues, nodule_sites,
+                            site_min_p)
     from models.msvlm import MSVLMConfig
     from models.train import supervision
 
     vol, z, codes, found, dots, nodules = _scored_chest(3)
-    assert NODULE_SITE_MIN_P == 0.8
+    assert site_min_p(3) == NODULE_SITE_MIN_P  # the helper's cut is detector 3's
     cue = nodule_cues(codes, (2.5, 2.5, 2.5), 3, detector=3)
     [small] = [p for b, _, p in found if b[0] == slice(20, 22)]
     np.testing.assert_allclose(cue[20:22, 3], small, rtol=1e-6)  # the left middle cell
