@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -34,6 +34,22 @@ class FindingOutput:
         """``(B, N, L)`` per label the weight of each slice as evidence (key slices): the
         attention, or with lesion cues :attr:`evidence`."""
         return self.attention if self.evidence is None else self.evidence
+
+    @classmethod
+    def stack(cls, outputs: Sequence[FindingOutput]) -> FindingOutput:
+        """One batch of several answers (each of its own studies): the slice axis padded to
+        the longest (0, as the head leaves padding; ``valid`` False there)."""
+        L = max(o.valid.shape[1] for o in outputs)
+
+        def join(name: str) -> torch.Tensor | None:
+            parts = [getattr(o, name) for o in outputs]
+            if any(p is None for p in parts):
+                return None
+            if name in ("attention", "evidence", "cue_slices", "valid"):
+                parts = [nn.functional.pad(p, (0, L - p.shape[-1])) for p in parts]
+            return torch.cat(parts)
+
+        return cls(**{f.name: join(f.name) for f in fields(cls)})
 
 
 class FindingHead(nn.Module):

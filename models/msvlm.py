@@ -362,6 +362,15 @@ class EncodedView:
     sites: torch.Tensor | None = None
 
 
+@dataclass
+class FrozenRead:
+    """What the Z-former and the finding head make of one study (:meth:`MSVLM.frozen_read`):
+    while neither trains, the language stages compute it once per study, not at every step."""
+
+    seq: torch.Tensor  # (G+L, Dz) Z-former tokens
+    findings: FindingOutput | None  # batch of one; with where and sites as read() sets them
+
+
 # A site is written for the language model as four tokens: its diameter and its side as the
 # words the reports use (the LM's own embeddings of " 14" and " left", so the text can copy
 # them), then its level between lung base (0) and apex (1) and its front-back position
@@ -641,10 +650,22 @@ class MSVLM(nn.Module):
         valid = torch.stack([torch.arange(L, device=self.device) < r[0].shape[0] for r in rows])
         return emb, meta_t, z, valid
 
-    def read(self, studies: Sequence[Sequence[EncodedView]]) -> tuple[torch.Tensor,
-                                                                      FindingOutput | None]:
+    def read(self, studies: Sequence[Sequence[EncodedView]],
+             frozen: Sequence[FrozenRead] | None = None) -> tuple[torch.Tensor,
+                                                                   FindingOutput | None]:
         """Z-former once, then both readers of its tokens: ``(B, Q, D_lm)`` visual tokens and
-        the finding head's output (None without a head)."""
+        the finding head's output (None without a head). ``frozen``: each study's
+        :meth:`frozen_read`, kept while the Z-former and head do not train (the language
+        stages), so only the resampler reads them again."""
+        if frozen is not None:
+            T = max(f.seq.shape[0] for f in frozen)
+            seq = torch.stack([F.pad(f.seq, (0, 0, 0, T - f.seq.shape[0])) for f in frozen])
+            key_valid = torch.stack([torch.arange(T, device=seq.device) < f.seq.shape[0]
+                                     for f in frozen])
+            visual = self.multi_modal_projector(self.resampler(seq, key_valid))
+            heads = [f.findings for f in frozen]
+            return visual, (None if any(h is None for h in heads)
+                            else FindingOutput.stack(heads))  # type: ignore[arg-type]
         emb, meta, z, valid = self.collate(studies)
         seq = self.z_former(emb, meta, z, valid)  # (B, G+L, Dz)
         G = self.config.z_global_tokens
@@ -656,6 +677,20 @@ class MSVLM(nn.Module):
         if findings is not None and self.site_tokens is not None:
             findings.sites = study_sites(studies, self.config.finding_sites, self.device)
         return visual, findings
+
+    @torch.no_grad()
+    def frozen_read(self, views: Sequence[EncodedView]) -> FrozenRead:
+        """One study's Z-former tokens and finding-head output (with its evidence and sites)
+        as :meth:`read` computes them for that study alone, as at inference; for
+        ``read(..., frozen=...)`` while neither trains."""
+        emb, meta, z, valid = self.collate([views])
+        seq = self.z_former(emb, meta, z, valid)
+        findings = self._head(seq, emb, valid) if self.finding_head is not None else None
+        if findings is not None and self.evidence is not None:
+            findings.where = self._where([views], emb, findings, valid)
+        if findings is not None and self.site_tokens is not None:
+            findings.sites = study_sites([views], self.config.finding_sites, self.device)
+        return FrozenRead(seq[0], findings)
 
     def _where(self, studies: Sequence[Sequence[EncodedView]], emb: torch.Tensor,
                findings: FindingOutput, valid: torch.Tensor) -> torch.Tensor:
@@ -752,12 +787,14 @@ class MSVLM(nn.Module):
 
     def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, label_states: torch.Tensor | None = None,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                token_weights: torch.Tensor | None = None,
+                frozen: Sequence[FrozenRead] | None = None) -> torch.Tensor:
         """Teacher-forced loss of ``input_ids (B, T)`` (BOS, report, EOS, padding) given the
         studies (and, for a conditioned model, the label states it is told; the head's own
         decisions when None); the prefix and BOS carry no loss. ``token_weights (B, T)``: the
-        loss is the weighted mean over the predicted tokens (each weighs 1 without)."""
-        visual, findings = self.read(studies)
+        loss is the weighted mean over the predicted tokens (each weighs 1 without).
+        ``frozen``: as :meth:`read`."""
+        visual, findings = self.read(studies, frozen)
         if label_states is None and self.label_tokens is not None and findings is not None:
             label_states = self.decide(findings)
         prefix = self.prefix(visual, label_states,

@@ -46,7 +46,8 @@ from torch import nn
 from tqdm import tqdm
 
 from models.data import Dataset, StudyItem
-from models.msvlm import MSVLM, EncodedView, MSVLMConfig, preprocess, site_words
+from models.msvlm import (MSVLM, EncodedView, FrozenRead, MSVLMConfig, preprocess,
+                          site_words)
 from models.report import (encode_targets, finding_weights, format_report, special_ids,
                            train_tokenizer)
 
@@ -356,6 +357,10 @@ class Trainer:
         self._targets: dict[str, torch.Tensor] = {}
         self._lower: dict[str, list[tuple[torch.Tensor, EncodedView]]] = {}
         self._fresh: dict[str, list[EncodedView]] = {}  # encoded in workers, not yet cached
+        # wall seconds of each stage trained by this call (the findings stage's lower features
+        # also on their own; a stage done before is not timed again)
+        self.seconds: dict[str, float] = {}
+        self._reads: dict[str, FrozenRead] = {}  # per study while Z-former and head are frozen
         self.probe: dict[str, Any] = {}
         self.head_valid: dict[str, Any] = {}  # the finding head on validation (model card)
         self.findings_origin: dict[str, Any] = {}  # [findings] init_from: where it was trained
@@ -409,8 +414,10 @@ class Trainer:
         return self.out / "cache" / f"{self.data.fingerprint}-{self._encoder_hash}{sites}"
 
     def reset_cache(self) -> None:
-        """Forget in-memory embeddings and the encoder hash (after the encoder changed)."""
+        """Forget in-memory embeddings, Z-former reads and the encoder hash (after the encoder
+        changed)."""
         self._cache.clear()
+        self._reads.clear()
         self._encoder_hash = None
 
     def encoded(self, study: StudyItem) -> list[EncodedView]:
@@ -690,12 +697,32 @@ class Trainer:
                 states = torch.where(flip, 1 - states, states)
             states = states.to(self.device)
         weight = float(self.run.stage[self._stage].get("finding_weight", 1.0))
-        if weight == 1.0:
-            return ([self.encoded(s) for s in chosen], ids, mask, states)
-        labels = list(self.run.stage[self._stage].get("finding_weight_labels", []))
-        weights = finding_weights(self.tokenizer, texts, self.labeler, weight, labels,
-                                  self.device)
-        return ([self.encoded(s) for s in chosen], ids, mask, states, weights)
+        weights = None
+        if weight != 1.0:
+            labels = list(self.run.stage[self._stage].get("finding_weight_labels", []))
+            weights = finding_weights(self.tokenizer, texts, self.labeler, weight, labels,
+                                      self.device)
+        return ([self.encoded(s) for s in chosen], ids, mask, states, weights,
+                self._frozen_reads(chosen))
+
+    def _frozen_reads(self, studies: list[StudyItem]) -> list[FrozenRead] | None:
+        """Each study's :meth:`MSVLM.frozen_read`, computed once per stage, while the Z-former
+        and the finding head do not train (the language stages of a model with a head): a
+        step then runs only the resampler, projector and language model (measured on the
+        demo's finetune step, the Z-former and head were 17% of it). None while they train."""
+        m = self.model
+        if m.finding_head is None or any(
+                p.requires_grad for part in (m.z_former, m.finding_head)
+                for p in part.parameters()):
+            return None
+        reads = []
+        for s in studies:
+            if s.study_id not in self._reads:
+                training = m.training
+                self._reads[s.study_id] = m.eval().frozen_read(self.encoded(s))
+                m.train(training)
+            reads.append(self._reads[s.study_id])
+        return reads
 
     def _loss(self, stage: str) -> Callable[..., torch.Tensor]:
         if stage == "pretrain" and not getattr(self.model.vision_tower, "volumetric", False):
@@ -739,8 +766,9 @@ class Trainer:
 
         def report_loss(model: MSVLM, studies: list[list[EncodedView]], ids: torch.Tensor,
                         mask: torch.Tensor, states: torch.Tensor | None,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
-            return model(studies, ids, mask, states, weights)
+                        weights: torch.Tensor | None = None,
+                        frozen: list[FrozenRead] | None = None) -> torch.Tensor:
+            return model(studies, ids, mask, states, weights, frozen)
         return report_loss
 
     def run_stage(self, stage: str, stop_after: int | None = None) -> None:
@@ -775,12 +803,14 @@ class Trainer:
                 return self.run_stage(stage, stop_after)
             finally:
                 self.data = full
+        began = time.perf_counter()
         self.reset_cache()
         self._stage = stage
         if stage not in ("pretrain", "findings"):
             self._prefill()
         if stage == "findings" and self._two_part():
             self.lower_all(self.data.train + self.data.valid)
+            self.seconds["lower features"] = time.perf_counter() - began
             tower: Any = self.model.vision_tower
             if getattr(tower, "detail", False):  # every 4th slice of the training split
                 sample = torch.cat([f[::4].float() for s in self.data.train
@@ -876,6 +906,11 @@ class Trainer:
         done = {"curves": curve, "best_val": best}
         if stage == "findings":
             done.update(self._after_findings())
+        # wall time of this call (a resumed stage: since it resumed), with what it encoded
+        self.seconds[stage] = done["seconds"] = time.perf_counter() - began
+        if "lower features" in self.seconds and stage == "findings":
+            done["lower_seconds"] = self.seconds["lower features"]
+        logger.info("Stage %s took %.1f min", stage, self.seconds[stage] / 60)
         if self.main:
             torch.save(self.model.state_dict(), folder / "weights.pt")
             (folder / "done.json").write_text(json.dumps(done))
@@ -1132,7 +1167,9 @@ class Trainer:
             hashes = gathered
         metrics: dict[str, Any] = {}
         if self.main:
+            drafts = time.perf_counter()
             metrics = self._final_metrics()
+            self.seconds["validation drafts"] = time.perf_counter() - drafts
             metrics["train_seconds"] = time.perf_counter() - start
             self._save(metrics, hashes)
         if self.world > 1:
@@ -1203,7 +1240,8 @@ class Trainer:
             "intended_use": "Research and unverified draft reports only; not for clinical use.",
             "training": {"run_file": self.run.text, "git_commit": commit,
                          "data": self.data.description, "stages": self.run.stages,
-                         "world_size": self.world, "rank_weight_hashes": hashes},
+                         "world_size": self.world, "rank_weight_hashes": hashes,
+                         "stage_seconds": {k: round(v, 1) for k, v in self.seconds.items()}},
             "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
             "per_label_f1": metrics.get("per_label_f1", {}),
             "frozen": self._frozen_story(),

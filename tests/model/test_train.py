@@ -206,6 +206,11 @@ def test_language_stages_retrained_on_a_finished_findings_stage(tmp_path: Path) 
             torch.testing.assert_close(value, trained[key], msg=key)
     assert model.config.finding_thresholds == first.config.finding_thresholds
     assert second.curves["align"]["loss"]  # the language stage trained
+    # the card times the stages this run trained (the taken-over findings stage is not one)
+    assert set(card["training"]["stage_seconds"]) == {"findings", "align",
+                                                      "validation drafts"}
+    assert set(card2["training"]["stage_seconds"]) == {"align", "validation drafts"}
+    assert all(v > 0 for v in card["training"]["stage_seconds"].values())
     origin = card2["training"]["findings_from"]
     assert origin["checkpoint"] == str(tmp_path / "first") and origin["run_file"] == "test"
     assert card2["probe"] == card["probe"] and "taken over from checkpoint" in card2["frozen"][0]
@@ -230,3 +235,43 @@ def test_language_stages_retrained_on_a_finished_findings_stage(tmp_path: Path) 
     assert {s.study_id for s in more.train} <= set(own._cache)  # the align stage read them
     with pytest.raises(ValueError, match=r"\[findings\] extra: must be true or false"):
         config("sixth", findings={"extra": "no"})
+
+
+def test_language_stages_read_the_frozen_z_former_once_per_study(tmp_path: Path, data: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """While the Z-former and the finding head are frozen (the language stages of a model with
+    a head), each study's Z-former tokens and head output are computed once, for the study alone
+    as at inference, and the loss on them is the loss the whole model gives."""
+    raw = {"run": {"out": str(tmp_path / "f"), "seed": 3, "device": "cpu", "eval_studies": 2,
+                   "stages": ["findings", "align"]},
+           "model": {**MODEL, "labels": ["Cardiomegaly", "Pleural effusion"], "head_heads": 2,
+                     "condition_on_findings": True, "finding_evidence": True},
+           "tokenizer": {"vocab_size": 300},
+           "findings": {"steps": 4, "batch": 4, "eval_every": 2, "lr": 5e-3, "probe_studies": 4},
+           "align": {"steps": 2, "batch": 4, "eval_every": 2, "lr": 5e-3}}
+    trainer = Trainer(RunConfig.from_toml(raw, tmp_path / "run.toml", "test"), data)
+    trainer.run_stage("findings")
+    trainer._stage = "findings"
+    trainer._setup_stage("findings")  # the Z-former trains: nothing may be kept
+    assert trainer._batch_report(data.train[:2], np.random.default_rng(0), 2)[-1] is None
+    trainer._stage = "align"
+    trainer._setup_stage("align")
+    calls = []
+    original = trainer.model.z_former.forward
+    monkeypatch.setattr(trainer.model.z_former, "forward",
+                        lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    studies = data.train[:4]
+    views, ids, mask, states, weights, frozen = trainer._batch_report(
+        studies, np.random.default_rng(0), 4)
+    assert calls == [1, 1, 1, 1] and len(frozen) == 4  # one study at a time
+    again = trainer._batch_report(studies, np.random.default_rng(1), 4)[-1]
+    assert calls == [1, 1, 1, 1] and {id(f) for f in again} == {id(f) for f in frozen}
+    trainer.model.eval()
+    with torch.no_grad():
+        kept = trainer.model(views, ids, mask, states, weights, frozen)
+        whole = trainer.model(views, ids, mask, states, weights)  # the batch through all of it
+    assert calls[-1] == 4
+    torch.testing.assert_close(kept, whole, rtol=1e-5, atol=1e-5)
+    trainer.reset_cache()  # a new stage reads them again
+    assert not trainer._reads
