@@ -269,7 +269,8 @@ class ZFormer(nn.Module):
 
     def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
         """``(B, 1, G+L, G+L)`` boolean: globals see and are seen by all; slices see slices
-        within ``z_window`` when the study is longer than ``full_attention_max``."""
+        within ``z_window`` when the study (its own slices, not the padded batch) is longer
+        than ``full_attention_max``, so a study reads the same in any batch as alone."""
         B, L = valid.shape
         G = self.config.z_global_tokens
         keys = torch.cat([valid.new_ones(B, G), valid], dim=1)  # (B, G+L)
@@ -279,7 +280,8 @@ class ZFormer(nn.Module):
             local = (idx[:, None] - idx[None, :]).abs() <= self.config.z_window  # (L, L)
             full = torch.ones(G + L, G + L, dtype=torch.bool, device=valid.device)
             full[G:, G:] = local
-            mask = mask & full
+            short = valid.sum(dim=1) <= self.config.full_attention_max  # (B,)
+            mask = mask & (full | short[:, None, None, None])
         return mask
 
     def forward(self, emb: torch.Tensor, meta: torch.Tensor, z_mm: torch.Tensor,
