@@ -673,12 +673,7 @@ class MSVLM(nn.Module):
         G = self.config.z_global_tokens
         key_valid = torch.cat([valid.new_ones(valid.shape[0], G), valid], dim=1)
         visual = self.multi_modal_projector(self.resampler(seq, key_valid))
-        findings = self._head(seq, emb, valid) if self.finding_head is not None else None
-        if findings is not None and self.evidence is not None:
-            findings.where = self._where(studies, emb, findings, valid)
-        if findings is not None and self.site_tokens is not None:
-            findings.sites = study_sites(studies, self.config.finding_sites, self.device)
-        return visual, findings
+        return visual, self._read_findings(studies, seq, emb, valid)
 
     @torch.no_grad()
     def frozen_read(self, views: Sequence[EncodedView]) -> FrozenRead:
@@ -687,12 +682,20 @@ class MSVLM(nn.Module):
         ``read(..., frozen=...)`` while neither trains."""
         emb, meta, z, valid = self.collate([views])
         seq = self.z_former(emb, meta, z, valid)
-        findings = self._head(seq, emb, valid) if self.finding_head is not None else None
-        if findings is not None and self.evidence is not None:
-            findings.where = self._where([views], emb, findings, valid)
-        if findings is not None and self.site_tokens is not None:
-            findings.sites = study_sites([views], self.config.finding_sites, self.device)
-        return FrozenRead(seq[0], findings)
+        return FrozenRead(seq[0], self._read_findings([views], seq, emb, valid))
+
+    def _read_findings(self, studies: Sequence[Sequence[EncodedView]], seq: torch.Tensor,
+                       emb: torch.Tensor, valid: torch.Tensor) -> FindingOutput | None:
+        """The finding head on the Z-former tokens, with ``where`` the evidence tokens carry and
+        the views' nodule ``sites`` set when the model uses them; None without a head."""
+        if self.finding_head is None:
+            return None
+        findings = self._head(seq, emb, valid)
+        if self.evidence is not None:
+            findings.where = self._where(studies, emb, findings, valid)
+        if self.site_tokens is not None:
+            findings.sites = study_sites(studies, self.config.finding_sites, self.device)
+        return findings
 
     def _where(self, studies: Sequence[Sequence[EncodedView]], emb: torch.Tensor,
                findings: FindingOutput, valid: torch.Tensor) -> torch.Tensor:
