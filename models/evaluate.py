@@ -159,7 +159,10 @@ def agreement(reports: Sequence[Any], labeler: Labeler | None = None) -> dict[st
         whole += int(all(same))
     n = sum(1 for r in reports if r.structured)
     return {"report_head_agreement": pairs / total if total else 0.0,
-            "report_head_agreement_studies": whole / n if n else 0.0}
+            "report_head_agreement_studies": whole / n if n else 0.0,
+            # drafts decoded again because the greedy text disagreed (``agree_beams``)
+            "redecoded_share": sum("redecode_s" in r.timings for r in reports) / max(len(
+                reports), 1)}
 
 
 def key_slice_hit(case: Any, report: Any, views: Sequence[Any]) -> dict[str, int]:
@@ -189,7 +192,8 @@ def markdown_table(metrics: dict[str, Any], title: str = "Evaluation") -> str:
             "ce_f1_macro", "ce_precision_micro", "ce_recall_micro", "ce_f1_micro", "pe_f1",
             "ce_f1_macro_19",
             "small_nodule_f1", "nodule_location_accuracy", "distinct_report_share",
-            "report_head_agreement", "report_head_agreement_studies", "key_slice_hit_rate",
+            "report_head_agreement", "report_head_agreement_studies", "redecoded_share",
+            "key_slice_hit_rate",
             "label_prevalence"]
     lines = [f"## {title}", "", "| metric | value |", "|---|---|"]
     for key in keys:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -213,8 +214,15 @@ class ReportGenerator:
         """Write the report for one study from its encoded views."""
         start = time.perf_counter()
         ids = self.model.generate_ids([list(encoded)], max_new_tokens)[0]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        findings, impression = parse_report(text)
+        findings, impression = parse_report(self.tokenizer.decode(ids, skip_special_tokens=True))
+        states = self.model.last_states
+        beams = self.model.config.agree_beams
+        if beams > 1 and states is not None and self._disagreements(
+                findings, impression, states[0]):
+            redecode = time.perf_counter()
+            findings, impression = self._agreeing(encoded, (findings, impression), states,
+                                                  max_new_tokens)
+            timings = {**(timings or {}), "redecode_s": time.perf_counter() - redecode}
         relevance = self.model.slice_relevance()
         per_view: list[list[float]] = []
         if relevance is not None:
@@ -238,6 +246,32 @@ class ReportGenerator:
         times["generate_s"] = time.perf_counter() - start
         return Report(findings, impression, self.name, self.version, times, per_view,
                       structured, self.not_assessed)
+
+    def _disagreements(self, findings: str, impression: str, states: torch.Tensor) -> int:
+        """Labels whose state in the text (the rule labeler's reading, the one the training
+        targets and the agreement metric use) differs from the head's decision."""
+        from models.labeler import binary
+
+        read = binary(self._labeler.label(f"{findings}\n{impression}"))
+        return sum(int(read.get(label, 0) != int(state))
+                   for label, state in zip(self.model.config.labels, states.tolist()))
+
+    @functools.cached_property
+    def _labeler(self) -> Any:
+        from models.labeler import RuleLabeler
+
+        return RuleLabeler()
+
+    def _agreeing(self, encoded: Sequence[EncodedView], greedy: tuple[str, str],
+                  states: torch.Tensor, max_new_tokens: int | None) -> tuple[str, str]:
+        """The greedy draft or, where one disagrees less with the head, the best beam of a
+        beam search (``agree_beams``) that does: every candidate is the language model's own
+        text, none is edited."""
+        ids = self.model.generate_ids([list(encoded)], max_new_tokens, states,
+                                      num_beams=self.model.config.agree_beams)
+        candidates = [greedy] + [parse_report(self.tokenizer.decode(i, skip_special_tokens=True))
+                                 for i in ids]
+        return min(candidates, key=lambda c: self._disagreements(*c, states[0]))  # first best
 
     @property
     def not_assessed(self) -> list[str]:

@@ -123,6 +123,10 @@ class MSVLMConfig:
     max_new_tokens: int = 256
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # when the greedy draft's text disagrees with the head's decisions (the rule labeler's
+    # reading), decode again with this many beams and keep the candidate that agrees best
+    # (the greedy draft on a tie; models/generator.py); 0: greedy only
+    agree_beams: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -793,12 +797,16 @@ class MSVLM(nn.Module):
     def forward(self, studies: Sequence[Sequence[EncodedView]], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, label_states: torch.Tensor | None = None,
                 token_weights: torch.Tensor | None = None,
-                frozen: Sequence[FrozenRead] | None = None) -> torch.Tensor:
+                frozen: Sequence[FrozenRead] | None = None,
+                length_groups: int = 1) -> torch.Tensor:
         """Teacher-forced loss of ``input_ids (B, T)`` (BOS, report, EOS, padding) given the
         studies (and, for a conditioned model, the label states it is told; the head's own
         decisions when None); the prefix and BOS carry no loss. ``token_weights (B, T)``: the
         loss is the weighted mean over the predicted tokens (each weighs 1 without).
-        ``frozen``: as :meth:`read`."""
+        ``frozen``: as :meth:`read`. ``length_groups`` > 1 runs the language model on that
+        many groups of reports of similar length, each padded to its own longest: the same
+        loss and gradients with less padding (a demo batch's reports run from ~50 to ~190
+        tokens)."""
         visual, findings = self.read(studies, frozen)
         if label_states is None and self.label_tokens is not None and findings is not None:
             label_states = self.decide(findings)
@@ -811,6 +819,9 @@ class MSVLM(nn.Module):
             tokens = self.language_model.get_input_embeddings()(input_ids)  # (B, T, D)
         finally:
             self._text_bias = None
+        if length_groups > 1:
+            return self._grouped_loss(prefix, tokens, input_ids, attention_mask, token_weights,
+                                      length_groups)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+T, D)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
         labels = torch.where(attention_mask.bool(), input_ids, -100)
@@ -826,13 +837,42 @@ class MSVLM(nn.Module):
                                ignore_index=-100, reduction="none")
         return (loss * weights.flatten()).sum() / weights.sum().clamp_min(1e-6)
 
+    def _grouped_loss(self, prefix: torch.Tensor, tokens: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, token_weights: torch.Tensor | None,
+                      groups: int) -> torch.Tensor:
+        """:meth:`forward`'s loss with the rows sorted by report length and split into
+        ``groups``, each trimmed to its longest report (the padding is on the right)."""
+        weights = attention_mask.float() if token_weights is None else \
+            token_weights * attention_mask
+        weights = weights.clone()
+        weights[:, 0] = 0.0  # BOS is given, not predicted
+        lengths = attention_mask.sum(dim=1)
+        total = prefix.new_zeros((), dtype=torch.float32)
+        for rows in torch.argsort(lengths, stable=True).tensor_split(groups):
+            if rows.numel() == 0:
+                continue
+            t = int(lengths[rows].max())
+            embeds = torch.cat([prefix[rows], tokens[rows, :t]], dim=1)
+            mask = torch.cat([attention_mask.new_ones(len(rows), prefix.shape[1]),
+                              attention_mask[rows, :t]], dim=1)
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+            # the logit at position p predicts the token at p + 1: the text's from P - 1 on
+            pred = logits[:, prefix.shape[1] - 1:-1].float()
+            loss = F.cross_entropy(pred.flatten(0, 1), input_ids[rows, :t].flatten(),
+                                   reduction="none")
+            total = total + (loss * weights[rows, :t].flatten()).sum()
+        return total / weights.sum().clamp_min(1e-6)
+
     @torch.inference_mode()
     def generate_ids(self, studies: Sequence[Sequence[EncodedView]],
                      max_new_tokens: int | None = None,
-                     label_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy (deterministic) decoding; returns the new token ids ``(B, T)``. The head's
-        output of this call is kept in ``last_findings`` (and its decisions, or the given
-        ``label_states``, in ``last_states``)."""
+                     label_states: torch.Tensor | None = None,
+                     num_beams: int = 1) -> torch.Tensor:
+        """Greedy (deterministic) decoding; returns the new token ids ``(B, T)``; with
+        ``num_beams`` > 1 beam search returning every beam, ``(B * num_beams, T)`` (a study's
+        beams together, best first). The head's output of this call is kept in
+        ``last_findings`` (and its decisions, or the given ``label_states``, in
+        ``last_states``)."""
         visual, findings = self.read(studies)
         if label_states is None and findings is not None:
             label_states = self.decide(findings)
@@ -851,8 +891,12 @@ class MSVLM(nn.Module):
         try:  # BOS and every generated token get the bias (the embedding's hook)
             embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(bos)], dim=1)
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+            if num_beams > 1:
+                kwargs["num_return_sequences"] = num_beams
+                if self._text_bias is not None:  # generate repeats each study per beam
+                    self._text_bias = self._text_bias.repeat_interleave(num_beams, 0)
             return self.language_model.generate(
-                inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
+                inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=num_beams,
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                 eos_token_id=self.special_ids["eos"], pad_token_id=self.special_ids["pad"],
                 bos_token_id=self.special_ids["bos"], **kwargs)

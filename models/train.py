@@ -64,9 +64,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
                  "cue_l1": 0.01,
                  "init_from": "", "extra": True},
     "mem": {"steps": 200, "lr": 1e-3, "batch": 8},
-    "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0},
+    "align": {"steps": 200, "lr": 1e-3, "batch": 8, "label_noise": 0.0, "length_groups": 1},
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
-                 "finding_weight": 1.0, "finding_weight_labels": []},
+                 "finding_weight": 1.0, "finding_weight_labels": [], "length_groups": 1},
 }
 COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20}
 
@@ -764,11 +764,13 @@ class Trainer:
                 return model.z_former.mem_loss(emb, meta, z, valid, g)
             return mem_loss
 
+        groups = int(self.run.stage[stage].get("length_groups", 1))
+
         def report_loss(model: MSVLM, studies: list[list[EncodedView]], ids: torch.Tensor,
                         mask: torch.Tensor, states: torch.Tensor | None,
                         weights: torch.Tensor | None = None,
                         frozen: list[FrozenRead] | None = None) -> torch.Tensor:
-            return model(studies, ids, mask, states, weights, frozen)
+            return model(studies, ids, mask, states, weights, frozen, length_groups=groups)
         return report_loss
 
     def run_stage(self, stage: str, stop_after: int | None = None) -> None:

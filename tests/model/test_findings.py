@@ -121,6 +121,46 @@ def test_the_language_model_reads_the_decisions(tokenizer: Any) -> None:
     assert all(bool(f.key_slices) == f.present for f in report.structured)
 
 
+def test_a_draft_that_leaves_out_a_stated_finding_is_decoded_again(tokenizer: Any) -> None:
+    """``agree_beams``: a language model that writes "No cardiomegaly." most of the time and
+    "Cardiomegaly." otherwise, read by a head that states Cardiomegaly: the greedy draft
+    contradicts the head, so the generator decodes again with beams and keeps the model's own
+    text that agrees; where the greedy draft agrees it is kept and nothing is decoded again."""
+    from models.report import encode_targets, format_report
+
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
+                                     "finding_thresholds": [0.0, 2.0]})
+    texts = [format_report("No cardiomegaly.", "Normal.")] * 7 + [
+        format_report("Cardiomegaly.", "Cardiomegaly.")] * 3
+    ids, mask = encode_targets(tokenizer, texts)
+    views = [[encoded(5, seed=i)] for i in range(len(texts))]
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):  # the label tokens say absent: the LM learns the 7:3 prior alone
+        loss = model(views, ids, mask, torch.zeros(len(texts), 2, dtype=torch.long))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    generator = ReportGenerator(model, tokenizer, {}, "test")
+
+    def stated(report: Any) -> bool:
+        return "Cardiomegaly" in generator._labeler.mentions(report.findings) and \
+            generator._disagreements(report.findings, report.impression,
+                                     torch.tensor([1, 0])) == 0
+
+    greedy = generator.report(views[0])
+    assert [f.present for f in greedy.structured] == [True, False]
+    assert not stated(greedy) and "redecode_s" not in greedy.timings  # agree_beams 0: as is
+    model.config.agree_beams = 4
+    again = generator.report(views[0])
+    assert stated(again) and "redecode_s" in again.timings, again.text
+    assert again.findings == "Cardiomegaly."  # the model's own sentence, not a template
+    model.config.finding_thresholds = [2.0, 2.0]  # the head states nothing: greedy agrees
+    kept = generator.report(views[0])
+    assert kept.text == greedy.text and "redecode_s" not in kept.timings
+
+
 def test_a_present_label_token_carries_where_the_head_found_it(tokenizer: Any) -> None:
     """``finding_evidence``: per label the key-slice-weighted level along the view (and lesion
     cues) joins a present label's token; an absent label's token does not change with it, a
@@ -286,6 +326,48 @@ def test_finding_sentences_weigh_more_in_the_report_loss(tokenizer: Any) -> None
         weighted = model(views, ids, mask, None, weights)
     torch.testing.assert_close(ones, plain)
     assert not torch.isclose(weighted, plain)
+
+
+def test_length_groups_give_the_same_loss_and_gradients(tokenizer: Any) -> None:
+    """``[finetune] length_groups``: the reports sorted by length and run in groups, each
+    padded to its own longest, give the whole batch's loss and gradients (weighted or not),
+    with the label tokens, site bias and frozen reads as in the demo."""
+    from models.report import encode_targets, finding_weights, format_report
+    from models.labeler import RuleLabeler
+
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "labels": ["Lung nodule", "Cardiomegaly"],
+                                     "head_heads": 2, "finding_sites": 1,
+                                     "finding_site_bias": True}).eval()
+    assert model.site_bias is not None
+    torch.nn.init.normal_(model.site_bias.weight)
+    texts = [format_report("No pleural effusion.", "Normal."),
+             format_report("Cardiomegaly. Small left pleural effusion. No nodule.",
+                           "Cardiomegaly. Left pleural effusion."),
+             format_report("A 6 mm nodule in the right upper lobe.", "Right upper lobe nodule."),
+             format_report("Lungs are clear.", "No acute abnormality.")]
+    ids, mask = encode_targets(tokenizer, texts)
+    assert len(set(mask.sum(1).tolist())) == 4  # four lengths: padding to trim
+    views = []
+    for i in range(4):
+        view = encoded(4 + i, seed=i)
+        view.sites = torch.tensor([[8.0 + i, 0.5, -0.3, 0.2]])
+        views.append([view])
+    states = torch.tensor([[0, 0], [0, 1], [1, 0], [0, 0]])
+    weights = finding_weights(tokenizer, texts, RuleLabeler(), 3.0)
+    frozen = [model.frozen_read(v) for v in views]
+    for w in (None, weights):
+        grads = []
+        for groups in (1, 3):
+            model.zero_grad()
+            loss = model(views, ids, mask, states, w, frozen, length_groups=groups)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()
+                                          if p.grad is not None]))
+        torch.testing.assert_close(grads[1][0], grads[0][0])
+        assert len(grads[0][1]) == len(grads[1][1]) > 0
+        for a, b in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 
 
 def test_report_only_ablation_has_no_label_tokens(tokenizer: Any) -> None:
