@@ -217,8 +217,9 @@ class ReportGenerator:
         findings, impression = parse_report(self.tokenizer.decode(ids, skip_special_tokens=True))
         states = self.model.last_states
         beams = self.model.config.agree_beams
-        if beams > 1 and states is not None and self._disagreements(
-                findings, impression, states[0]):
+        # the report-only ablation's text must not be chosen by the head it does not read
+        if beams > 1 and states is not None and self.model.label_tokens is not None and \
+                self._disagreements(findings, impression, states[0]):
             redecode = time.perf_counter()
             findings, impression = self._agreeing(encoded, (findings, impression), states,
                                                   max_new_tokens)

@@ -125,7 +125,8 @@ class MSVLMConfig:
     no_repeat_ngram_size: int = 0
     # when the greedy draft's text disagrees with the head's decisions (the rule labeler's
     # reading), decode again with this many beams and keep the candidate that agrees best
-    # (the greedy draft on a tie; models/generator.py); 0: greedy only
+    # (the greedy draft on a tie; models/generator.py; never for the report-only ablation,
+    # whose LM does not read the head); 0: greedy only
     agree_beams: int = 0
 
     def to_dict(self) -> dict[str, Any]:

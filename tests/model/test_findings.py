@@ -159,6 +159,13 @@ def test_a_draft_that_leaves_out_a_stated_finding_is_decoded_again(tokenizer: An
     model.config.finding_thresholds = [2.0, 2.0]  # the head states nothing: greedy agrees
     kept = generator.report(views[0])
     assert kept.text == greedy.text and "redecode_s" not in kept.timings
+    # the report-only ablation: the head it does not read never chooses its text
+    ablation = build_tiny(tokenizer, **{**TINY, "labels": LABELS, "head_heads": 2,
+                                        "finding_thresholds": [0.0, 2.0], "agree_beams": 4,
+                                        "condition_on_findings": False}).eval()
+    alone = ReportGenerator(ablation, tokenizer, {}, "test").report(views[0])
+    assert alone.structured[0].present and not stated(alone)
+    assert "redecode_s" not in alone.timings
 
 
 def test_a_present_label_token_carries_where_the_head_found_it(tokenizer: Any) -> None:
