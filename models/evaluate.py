@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from models.labeler import Labeler, RuleLabeler, binary
+from models.labeler import Labeler, RuleLabeler, binary, disagreements
 from models.phantom import LABELS, PE_LABEL
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
@@ -152,11 +152,11 @@ def agreement(reports: Sequence[Any], labeler: Labeler | None = None) -> dict[st
     for report in reports:
         if not report.structured:
             continue
-        read = binary(labeler.label(f"{report.findings}\n{report.impression}"))
-        same = [int(read.get(f.label, 0) == int(f.present)) for f in report.structured]
-        pairs += sum(same)
-        total += len(same)
-        whole += int(all(same))
+        wrong = disagreements(labeler, f"{report.findings}\n{report.impression}",
+                              [(f.label, f.present) for f in report.structured])
+        pairs += len(report.structured) - len(wrong)
+        total += len(report.structured)
+        whole += int(not wrong)
     n = sum(1 for r in reports if r.structured)
     return {"report_head_agreement": pairs / total if total else 0.0,
             "report_head_agreement_studies": whole / n if n else 0.0,

@@ -251,11 +251,10 @@ class ReportGenerator:
     def _disagreements(self, findings: str, impression: str, states: torch.Tensor) -> int:
         """Labels whose state in the text (the rule labeler's reading, the one the training
         targets and the agreement metric use) differs from the head's decision."""
-        from models.labeler import binary
+        from models.labeler import disagreements
 
-        read = binary(self._labeler.label(f"{findings}\n{impression}"))
-        return sum(int(read.get(label, 0) != int(state))
-                   for label, state in zip(self.model.config.labels, states.tolist()))
+        return len(disagreements(self._labeler, f"{findings}\n{impression}",
+                                 zip(self.model.config.labels, map(bool, states.tolist()))))
 
     @functools.cached_property
     def _labeler(self) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from models.phantom import ALL_LABELS
 
@@ -148,6 +148,15 @@ def make_labeler(path: str | Path | None = None) -> Labeler:
 def binary(labels: dict[str, int], uncertain_as: int = POSITIVE) -> dict[str, int]:
     """0/1 labels, uncertain mapped to ``uncertain_as``."""
     return {k: (uncertain_as if v == UNCERTAIN else int(v == POSITIVE)) for k, v in labels.items()}
+
+
+def disagreements(labeler: Labeler, text: str,
+                  decisions: Iterable[tuple[str, bool]]) -> list[str]:
+    """The labels of ``(label, present)`` decisions whose state in ``text`` (the labeler's
+    reading, uncertain as positive) differs: the report/head agreement metric and the
+    generator's ``agree_beams`` check."""
+    read = binary(labeler.label(text))
+    return [label for label, present in decisions if read.get(label, 0) != int(present)]
 
 
 def stated_side(text: str, label: str) -> str | None:
