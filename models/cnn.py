@@ -226,6 +226,23 @@ def _check_detector(detector: int) -> None:
                          f"{NODULE_DETECTORS}")
 
 
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` of ``(S, H, W)`` with in-plane 4-connectivity (each
+    slice on its own), by one labelling of the background instead of a dilation iterated to
+    convergence: what is not background connected to a slice's edge (the same result, a test;
+    3x faster on a view)."""
+    from scipy import ndimage
+
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, n = ndimage.label(~mask, plane)
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        outside[edge] = True
+    outside[0] = False  # the mask itself
+    return ~outside[labels]
+
+
 def slice_codes(hu: np.ndarray, detector: int = 1) -> np.ndarray:
     """Per pixel of ``(S, H, W)`` HU slices, each on its own: :data:`NODULE_LUNG` (aerated
     lung), :data:`NODULE_SOLID` (solid tissue inside the lung field, after an in-plane
@@ -240,11 +257,11 @@ def slice_codes(hu: np.ndarray, detector: int = 1) -> np.ndarray:
     plane[1] = ndimage.generate_binary_structure(2, 1)  # in-plane only: slices stay apart
     lung = hu < -500
     if detector == 1:
-        field = ndimage.binary_fill_holes(lung, plane)  # what the lung surrounds
+        field = fill_holes_per_slice(lung)  # what the lung surrounds
     else:
-        inside = lung & ndimage.binary_fill_holes(~lung, plane)  # air inside the body
-        field = ndimage.binary_fill_holes(
-            ndimage.binary_closing(inside, _disk(NODULE_FIELD_CLOSING)) | inside, plane)
+        inside = lung & fill_holes_per_slice(~lung)  # air inside the body
+        field = fill_holes_per_slice(
+            ndimage.binary_closing(inside, _disk(NODULE_FIELD_CLOSING)) | inside)
     solid = (hu > NODULE_HU[0]) & (hu < NODULE_HU[1]) & field
     opened = ndimage.binary_opening(solid, plane)
     codes = np.where(lung, NODULE_LUNG, NODULE_NONE).astype(np.uint8)
@@ -475,7 +492,6 @@ def nodule_sites(codes: np.ndarray, z_mm: np.ndarray, spacing_mm: tuple[float, f
     standard axial image); ``front``, its row likewise (-1 first row: anterior). The lungs are
     the air the body surrounds, so the air around the patient does not count.
     ``components``: :func:`nodule_components` (not ``thin``), when already found."""
-    from scipy import ndimage
 
     S, H, W = codes.shape
     if components is None:
@@ -484,10 +500,8 @@ def nodule_sites(codes: np.ndarray, z_mm: np.ndarray, spacing_mm: tuple[float, f
                    key=lambda c: -c[2])[:top]
     if not found:
         return np.zeros((0, len(SITE_COLUMNS)), dtype=np.float32)
-    plane = np.zeros((3, 3, 3), dtype=bool)
-    plane[1] = ndimage.generate_binary_structure(2, 1)
     air = codes == NODULE_LUNG
-    lung = air & ndimage.binary_fill_holes(~air, plane)  # per slice: air inside the body
+    lung = air & fill_holes_per_slice(~air)  # per slice: air inside the body
     per_slice = lung.sum(axis=(1, 2))
     z = np.asarray(z_mm, dtype=np.float64)
     rows_with, cols_with = lung.any(axis=(0, 2)), lung.any(axis=(0, 1))

@@ -107,6 +107,11 @@ class MSVLMConfig:
     # 1,000 steps the LM's teacher-forced P(right) at a nodule's side word was 0.5-0.65
     # whatever the site said)
     finding_site_bias: bool = False
+    # add to each site's diameter word a learned embedding of its diameter's bin
+    # (SITE_SIZE_EDGES): a measured 6.7 mm is the word " 7", which reports that round to even
+    # sizes never write (the demo's tokenizer makes it the mean of " " and "7"), so the LM had
+    # no trained token to copy from
+    finding_site_size_bins: bool = False
     # per label "head" (the whole head's logit) or "cues" (its cue path alone), chosen on the
     # validation split ([findings] cue_choice); empty: the head for every label
     finding_sources: list[str] = field(default_factory=list)
@@ -385,6 +390,9 @@ class FrozenRead:
 SITE_SIZES_MM = range(3, 41)  # diameters written as a whole number of millimetres
 SITE_LEVEL_EDGES = tuple(float(v) for v in np.linspace(0.1, 0.9, 9))
 SITE_FRONT_EDGES = (-0.5, 0.0, 0.5)
+# diameter bins (mm) of [model] finding_site_size_bins: 1 mm wide where the 6 and 8 mm
+# thresholds of nodule follow-up lie, wider above
+SITE_SIZE_EDGES = (4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 25.0, 30.0)
 SITE_TOKENS = 4  # per site
 SITE_WORDS = ("right", "left", *(str(d) for d in SITE_SIZES_MM))
 
@@ -401,10 +409,12 @@ class SiteTokens(nn.Module):
     mean word embedding of its diameter (whole mm), that of its side (" right" where the
     component lies in the first half of the lungs' columns: the patient's right on an axial
     image in the standard orientation), and learned embeddings of its level and front bins
-    plus its slot. An absent site, or any while the label is not stated, is K * 4 learned
-    "none" tokens."""
+    plus its slot; with ``size_bins`` the diameter's token also adds a learned embedding of
+    its bin (:data:`SITE_SIZE_EDGES`). An absent site, or any while the label is not stated,
+    is K * 4 learned "none" tokens."""
 
-    def __init__(self, slots: int, width: int, words: dict[str, list[int]]) -> None:
+    def __init__(self, slots: int, width: int, words: dict[str, list[int]],
+                 size_bins: bool = False) -> None:
         super().__init__()
         missing = set(SITE_WORDS) - set(words)
         if missing:
@@ -414,8 +424,10 @@ class SiteTokens(nn.Module):
         self.front = nn.Embedding(len(SITE_FRONT_EDGES) + 1, width)
         self.slot = nn.Embedding(slots, width)
         self.none = nn.Embedding(slots * SITE_TOKENS, width)
-        for module in (self.level, self.front, self.slot, self.none):
-            nn.init.normal_(module.weight, std=0.02)
+        self.size = nn.Embedding(len(SITE_SIZE_EDGES) + 1, width) if size_bins else None
+        for module in (self.level, self.front, self.slot, self.none, self.size):
+            if module is not None:
+                nn.init.normal_(module.weight, std=0.02)
         # per word a row of its (at most 4) token ids and their averaging weights
         ids = torch.zeros(len(SITE_WORDS), 4, dtype=torch.long)
         weights = torch.zeros(len(SITE_WORDS), 4)
@@ -427,6 +439,7 @@ class SiteTokens(nn.Module):
         self.register_buffer("word_weights", weights, persistent=False)
         self.register_buffer("level_edges", torch.tensor(SITE_LEVEL_EDGES), persistent=False)
         self.register_buffer("front_edges", torch.tensor(SITE_FRONT_EDGES), persistent=False)
+        self.register_buffer("size_edges", torch.tensor(SITE_SIZE_EDGES), persistent=False)
 
     def forward(self, sites: torch.Tensor, shown: torch.Tensor,
                 words: nn.Embedding) -> torch.Tensor:
@@ -445,7 +458,11 @@ class SiteTokens(nn.Module):
         slot = self.slot.weight[None, :K]
         level = self.level(torch.bucketize(sites[..., 1].contiguous(), self.level_edges))
         front = self.front(torch.bucketize(sites[..., 3].contiguous(), self.front_edges))
-        tokens = torch.stack([word(size_row), word(row), level + slot, front + slot], dim=2)
+        diameter = word(size_row)
+        if self.size is not None:
+            diameter = diameter + self.size(torch.bucketize(sites[..., 0].contiguous(),
+                                                            self.size_edges))
+        tokens = torch.stack([diameter, word(row), level + slot, front + slot], dim=2)
         present = (sites[..., 0] > 0) & shown[:, None]  # (B, K)
         none = self.none.weight[: K * SITE_TOKENS].view(1, K, SITE_TOKENS, -1)
         tokens = torch.where(present[..., None, None], tokens.to(none.dtype), none)
@@ -552,7 +569,8 @@ class MSVLM(nn.Module):
                         raise ValueError(f"Invalid 'finding_sites_label' "
                                          f"{config.finding_sites_label!r} - not in 'labels'")
                     self.site_tokens = SiteTokens(config.finding_sites, lm_width,
-                                                  config.finding_site_words)
+                                                  config.finding_site_words,
+                                                  config.finding_site_size_bins)
                     if config.finding_site_bias:
                         self.site_bias = nn.Linear(config.finding_sites * 5, lm_width)
                         nn.init.zeros_(self.site_bias.weight)

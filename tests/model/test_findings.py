@@ -262,6 +262,41 @@ def test_site_tokens_place_a_nodule_only_while_it_is_stated(tokenizer: Any) -> N
         build_tiny(tokenizer, **{**TINY, "labels": LABELS, "finding_sites": 2})
 
 
+def test_site_size_bins_give_a_measured_diameter_a_learned_bin(tokenizer: Any) -> None:
+    """``finding_site_size_bins``: a site's diameter token is its whole-mm word plus a learned
+    embedding of its bin, so 6.2 mm (" 6") and 6.7 mm (" 7", a word reports that round to even
+    sizes never write) share what the LM learns for (6, 7] mm, 5.8 mm does not; training
+    reaches the bins; without the option the token is the word alone (test above)."""
+    torch.manual_seed(0)
+    model = build_tiny(tokenizer, **{**TINY, "labels": ["Lung nodule", "Cardiomegaly"],
+                                     "head_heads": 2, "finding_sites": 1,
+                                     "finding_site_size_bins": True}).eval()
+    studies = []
+    for seed, size in enumerate((6.2, 6.7, 5.8)):
+        view = encoded(6, seed=seed)
+        view.sites = torch.tensor([[size, 0.5, -0.5, 0.0]])
+        studies.append([view])
+    visual, found = model.read(studies)
+    assert found is not None and found.sites is not None
+    stated = model.prefix(visual, torch.tensor([[1, 0]] * 3), None, found.sites)
+    size_token = stated[:, -4]
+    embed = model.language_model.get_input_embeddings().weight
+
+    def word(text: str) -> torch.Tensor:
+        return embed[tokenizer.encode(text, add_special_tokens=False)].mean(dim=0)
+
+    bins = [size_token[0] - word(" 6"), size_token[1] - word(" 7"), size_token[2] - word(" 6")]
+    torch.testing.assert_close(bins[0], bins[1])
+    assert not torch.allclose(bins[0], bins[2])
+    assert model.site_tokens is not None and model.site_tokens.size is not None
+    ids = torch.tensor([[1, 5, 6, 2]] * 3)
+    model.train()
+    model(studies, ids, torch.ones_like(ids), torch.tensor([[1, 0]] * 3)).backward()
+    grad = model.site_tokens.size.weight.grad
+    assert grad is not None and grad[3].abs().sum() > 0  # (6, 7] mm
+    assert grad[0].abs().sum() == 0  # no site of 4 mm or less
+
+
 def test_site_bias_reaches_every_text_token(tokenizer: Any) -> None:
     """``finding_site_bias``: the stated sites' map is added to every text token the LM embeds,
     in training and at each generated step (not to the prefix), nothing while the label is
@@ -518,6 +553,32 @@ def test_nodule_sites_place_the_nodule_against_the_lungs() -> None:
     whole = generator.encode_slices(View(vol, z, (2.5, 2.5), "CT", "axial")).sites
     assert whole is not None and streamed is not None
     torch.testing.assert_close(streamed, whole)
+
+
+def test_holes_filled_per_slice_as_scipy_fills_them() -> None:
+    """``fill_holes_per_slice`` (the lung field of the nodule codes, the lungs of the sites)
+    equals ``scipy.ndimage.binary_fill_holes`` with in-plane connectivity on the chest phantom's
+    lungs and air, on random masks (holes touching the edge stay open, a hole's diagonal leak
+    does not open it) and on empty and full masks; a hole is never filled through the slice
+    above or below."""
+    from scipy import ndimage
+
+    from models.cnn import fill_holes_per_slice
+
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[1] = ndimage.generate_binary_structure(2, 1)
+    vol, _ = _chest_volume()
+    rng = np.random.default_rng(0)
+    masks = [vol < -500, vol >= -500, rng.random((6, 40, 50)) < 0.55,
+             rng.random((3, 17, 9)) < 0.7, np.zeros((2, 8, 8), bool), np.ones((2, 8, 8), bool)]
+    for mask in masks:
+        np.testing.assert_array_equal(fill_holes_per_slice(mask),
+                                      ndimage.binary_fill_holes(mask, plane))
+    ring = np.zeros((3, 9, 9), dtype=bool)
+    ring[1, 2:7, 2:7] = True
+    ring[1, 3:6, 3:6] = False  # a hole in the middle slice only
+    filled = fill_holes_per_slice(ring)
+    assert filled[1, 4, 4] and not filled[0].any() and not filled[2].any()
 
 
 def _chest_with_nodules_and_vessel_dots() -> tuple[np.ndarray, np.ndarray]:
