@@ -68,7 +68,39 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune": {"steps": 400, "lr": 5e-4, "batch": 8, "label_noise": 0.0,
                  "finding_weight": 1.0, "finding_weight_labels": [], "length_groups": 1},
 }
-COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20}
+COMMON = {"eval_every": 50, "patience": 0, "weight_decay": 0.01, "warmup": 20,
+          "precision": ""}
+PRECISIONS = ("fp32", "bf16")
+"""``[run] precision`` (a stage's own ``precision`` overrides it): ``bf16`` runs each training
+step's forward pass under bfloat16 autocast (weights, optimizer and gradients stay float32;
+validation, thresholds and inference stay float32). Only where the device has native bf16
+matrix units (CUDA with bf16; a CPU with AVX512-BF16 or AMX): elsewhere bf16 is emulated and
+slower, so the run warns and trains in float32."""
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (else autocast would be slower
+    than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def machine_reference(seconds: float = 0.5) -> dict[str, Any]:
+    """A fixed CPU workload timed at the start of a run, so a run's wall time can be read at a
+    stated machine speed (this project's CPU machines vary by 1.3x within a day): float32
+    matrix products of 512 x 512 on the run's threads for about ``seconds``, as GFLOP/s."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    torch.mm(a, b)
+    n, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        for _ in range(10):
+            torch.mm(a, b)
+        n += 10
+    took = time.perf_counter() - began
+    return {"matmul_fp32_gflops": round(2 * 512 ** 3 * n / took / 1e9, 1),
+            "threads": torch.get_num_threads(), "workload": "float32 512x512 matrix products"}
 
 
 def supervision(config: Any) -> str:
@@ -130,6 +162,16 @@ class RunConfig:
             if unknown:
                 raise ValueError(f"{path}: [{s}] {sorted(unknown)[0]}: unknown key")
             stage[s] = values
+        precision = run.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"{path}: [run] precision: {precision!r} is not one of "
+                             f"{PRECISIONS}")
+        for s in STAGES:
+            own = stage[s]["precision"] or precision
+            if own not in PRECISIONS:
+                raise ValueError(f"{path}: [{s}] precision: {own!r} is not one of "
+                                 f"{PRECISIONS}")
+            stage[s]["precision"] = own
         if float(stage["findings"]["cue_loss"]) < 0:
             raise ValueError(f"{path}: [findings] cue_loss: must be >= 0")
         for key in ("cue_fit", "cue_freeze", "cue_choice"):
@@ -364,6 +406,12 @@ class Trainer:
         self.probe: dict[str, Any] = {}
         self.head_valid: dict[str, Any] = {}  # the finding head on validation (model card)
         self.findings_origin: dict[str, Any] = {}  # [findings] init_from: where it was trained
+        self.precision: dict[str, str] = {}  # each stage trained by this call: fp32 or bf16
+        self.reference = machine_reference() if self.main else {}
+        if self.reference:
+            logger.info("Machine reference: %.1f GFLOP/s (%s, %d threads)",
+                        self.reference["matmul_fp32_gflops"], self.reference["workload"],
+                        self.reference["threads"])
         if "findings" in run.stages and not self.config.labels:
             raise ValueError("Invalid run file - [model] labels: the findings stage needs the "
                              "label list")
@@ -782,6 +830,8 @@ class Trainer:
             done = json.loads((folder / "done.json").read_text())
             self.curves[stage] = done["curves"]
             self._load_weights(folder / "weights.pt")
+            if "precision" in done:
+                self.precision[stage] = done["precision"]
             if "thresholds" in done:
                 self.config.finding_thresholds = done["thresholds"]
                 self.config.finding_sources = done.get("sources", [])
@@ -853,6 +903,13 @@ class Trainer:
             best_state = state.get("best_state")
             logger.info("Stage %s resumes at step %d", stage, start)
         studies = self.data.train
+        precision = cfg["precision"]
+        if precision == "bf16" and not bf16_native(self.device):
+            logger.warning("Stage %s: [run] precision bf16 asked for, but %s has no native "
+                           "bf16 matrix units (emulated bf16 is slower): training in fp32",
+                           stage, self.device)
+            precision = "fp32"
+        self.precision[stage] = precision
         bar = tqdm(range(start, steps), desc=stage, unit="step", disable=not self.main)
         for step in bar:
             for group in optimizer.param_groups:
@@ -860,7 +917,10 @@ class Trainer:
             rng = self._rng(stage, step)
             local = [studies[i] for i in self._indices(stage, step, len(studies), cfg["batch"])]
             self.model.train()
-            loss = module(*make_batch(local, rng, cfg["batch"]))
+            batch = make_batch(local, rng, cfg["batch"])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=precision == "bf16"):
+                loss = module(*batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -905,7 +965,7 @@ class Trainer:
         if stage == "pretrain" and hasattr(self, "_mae"):
             _copy_mae_to_vit(self._mae, self.model)
         self.curves[stage] = curve
-        done = {"curves": curve, "best_val": best}
+        done = {"curves": curve, "best_val": best, "precision": precision}
         if stage == "findings":
             done.update(self._after_findings())
         # wall time of this call (a resumed stage: since it resumed), with what it encoded
@@ -1243,7 +1303,9 @@ class Trainer:
             "training": {"run_file": self.run.text, "git_commit": commit,
                          "data": self.data.description, "stages": self.run.stages,
                          "world_size": self.world, "rank_weight_hashes": hashes,
-                         "stage_seconds": {k: round(v, 1) for k, v in self.seconds.items()}},
+                         "stage_seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+                         "precision": self.precision,
+                         "machine_reference": self.reference},
             "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
             "per_label_f1": metrics.get("per_label_f1", {}),
             "frozen": self._frozen_story(),

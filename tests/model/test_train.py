@@ -81,6 +81,52 @@ def test_stages_keep_their_order(tmp_path: Path) -> None:
     raw["findings"] = {"cue_labels": ["Cardiomegaly"]}  # nothing fitted to restrict
     with pytest.raises(ValueError, match=r"run.toml: \[findings\] cue_labels: needs cue_fit"):
         RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["findings"] = {}
+    raw["run"]["precision"] = "fp16"
+    with pytest.raises(ValueError, match=r"run.toml: \[run\] precision: 'fp16' is not one"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["run"]["precision"] = "bf16"
+    raw["finetune"] = {"precision": "half"}
+    with pytest.raises(ValueError, match=r"run.toml: \[finetune\] precision: 'half'"):
+        RunConfig.from_toml(raw, tmp_path / "run.toml")
+    raw["finetune"] = {"precision": "fp32"}  # a stage's own precision over the run's
+    run = RunConfig.from_toml(raw, tmp_path / "run.toml")
+    assert run.stage["finetune"]["precision"] == "fp32"
+    assert run.stage["findings"]["precision"] == "bf16"
+
+
+def test_bf16_training_steps_learn_and_the_card_says_how_the_run_was_trained(
+        tmp_path: Path, data: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import models.train
+
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        run = run_config(tmp_path / precision, steps=20)
+        run.stages = ["finetune"]
+        run.stage["finetune"]["precision"] = precision
+        trainer = Trainer(run, data)
+        trainer.train()
+        card = json.loads((tmp_path / precision / "model_card.json").read_text())
+        native = models.train.bf16_native(torch.device("cpu"))
+        assert card["training"]["precision"] == {
+            "finetune": "bf16" if precision == "bf16" and native else "fp32"}
+        assert card["training"]["machine_reference"]["matmul_fp32_gflops"] > 0
+        curves[precision] = losses = trainer.curves["finetune"]["loss"]
+        assert np.mean(losses[-5:]) < np.mean(losses[:5]), (precision, losses)
+    if models.train.bf16_native(torch.device("cpu")):  # autocast ran: same start, other sums
+        assert curves["bf16"] != curves["fp32"]
+        np.testing.assert_allclose(curves["bf16"][0], curves["fp32"][0], rtol=0.02)
+    # a CPU without bf16 units would run bf16 emulated, slower than fp32: it warns and says so
+    monkeypatch.setattr(models.train, "bf16_native", lambda device: False)
+    run = run_config(tmp_path / "emulated", steps=2)
+    run.stages = ["finetune"]
+    run.stage["finetune"]["precision"] = "bf16"
+    with caplog.at_level("WARNING", logger="models.train"):
+        Trainer(run, data).train()
+    assert "no native bf16 matrix units" in caplog.text
+    card = json.loads((tmp_path / "emulated" / "model_card.json").read_text())
+    assert card["training"]["precision"] == {"finetune": "fp32"}
 
 
 def test_resume_follows_the_same_curve(tmp_path: Path, data: Any) -> None:
