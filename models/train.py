@@ -905,7 +905,7 @@ class Trainer:
         studies = self.data.train
         precision = cfg["precision"]
         if precision == "bf16" and not bf16_native(self.device):
-            logger.warning("Stage %s: [run] precision bf16 asked for, but %s has no native "
+            logger.warning("Stage %s: precision bf16 asked for, but %s has no native "
                            "bf16 matrix units (emulated bf16 is slower): training in fp32",
                            stage, self.device)
             precision = "fp32"
