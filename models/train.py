@@ -83,7 +83,9 @@ def bf16_native(device: torch.device) -> bool:
     than float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # torch's own CPU probes are private: a torch without one reads as "no" (fp32, warned)
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def machine_reference(seconds: float = 0.5) -> dict[str, Any]:
