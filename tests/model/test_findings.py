@@ -297,6 +297,37 @@ def test_site_size_bins_give_a_measured_diameter_a_learned_bin(tokenizer: Any) -
     assert grad[0].abs().sum() == 0  # no site of 4 mm or less
 
 
+def test_site_level_bins_split_a_lobe_boundary_ten_bins_blur(tokenizer: Any) -> None:
+    """``finding_site_level_bins``: with 20 bins a site at level 0.42 and one at 0.48 (either
+    side of the phantoms' left fissure at 0.45) get different level tokens, which 10 bins give
+    the same; 0.51 and 0.54 share one either way. A count below 2 is a config error."""
+    def level_tokens(bins: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = build_tiny(tokenizer, **{**TINY, "labels": ["Lung nodule", "Cardiomegaly"],
+                                         "head_heads": 2, "finding_sites": 1,
+                                         "finding_site_level_bins": bins}).eval()
+        assert model.site_tokens is not None
+        assert model.site_tokens.level.num_embeddings == bins
+        studies = []
+        for seed, level in enumerate((0.42, 0.48, 0.51, 0.54)):
+            view = encoded(6, seed=seed)
+            view.sites = torch.tensor([[8.0, level, 0.5, 0.0]])
+            studies.append([view])
+        visual, found = model.read(studies)
+        assert found is not None and found.sites is not None
+        with torch.no_grad():
+            return model.prefix(visual, torch.tensor([[1, 0]] * 4), None, found.sites)[:, -2]
+
+    ten, twenty = level_tokens(10), level_tokens(20)
+    torch.testing.assert_close(ten[0], ten[1])
+    assert not torch.allclose(twenty[0], twenty[1])
+    torch.testing.assert_close(twenty[2], twenty[3])
+    torch.testing.assert_close(ten[2], ten[3])
+    with pytest.raises(ValueError, match="finding_site_level_bins"):
+        build_tiny(tokenizer, **{**TINY, "labels": ["Lung nodule"], "head_heads": 2,
+                                 "finding_sites": 1, "finding_site_level_bins": 1})
+
+
 def test_site_bias_reaches_every_text_token(tokenizer: Any) -> None:
     """``finding_site_bias``: the stated sites' map is added to every text token the LM embeds,
     in training and at each generated step (not to the prefix), nothing while the label is
