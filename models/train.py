@@ -1305,7 +1305,7 @@ class Trainer:
             "training": {"run_file": self.run.text, "git_commit": commit,
                          "data": self.data.description, "stages": self.run.stages,
                          "world_size": self.world, "rank_weight_hashes": hashes,
-                         "stage_seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+                         "stage_seconds": {k: round(v, 2) for k, v in self.seconds.items()},
                          "precision": self.precision,
                          "machine_reference": self.reference},
             "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
