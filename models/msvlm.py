@@ -421,8 +421,8 @@ class SiteTokens(nn.Module):
     component lies in the first half of the lungs' columns: the patient's right on an axial
     image in the standard orientation), and learned embeddings of its level bin
     (``level_bins`` equal bins over [0, 1]) and front bin plus its slot; with ``size_bins``
-    the diameter's token also adds a learned embedding of its bin (:data:`SITE_SIZE_EDGES`). An absent site, or any while the label is not stated,
-    is K * 4 learned "none" tokens."""
+    the diameter's token also adds a learned embedding of its bin (:data:`SITE_SIZE_EDGES`).
+    An absent site, or any while the label is not stated, is K * 4 learned "none" tokens."""
 
     def __init__(self, slots: int, width: int, words: dict[str, list[int]],
                  size_bins: bool = False, level_bins: int = 10) -> None:
