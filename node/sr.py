@@ -7,7 +7,9 @@ Findings (121070) with the Finding text (121071), Impressions (121072) with the 
 PARTIAL, VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY; the series description says it
 is an unverified AI draft; Contributing Equipment names the algorithm and its version (IHE AI
 Results); the evidence references every instance that was read; a re-report references the
-earlier SR (Predecessor Documents); the patient's Specific Character Set is kept.
+earlier SR (Predecessor Documents); the patient's Specific Character Set is kept where it can
+write every text of the document, else the document is written in UTF-8 (ISO_IR 192), so a
+draft never loses a character to a replacement mark.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from typing import Sequence
 
 import highdicom as hd
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -97,6 +100,35 @@ def _with_type2(ds: Dataset) -> Dataset:
         if keyword not in first:
             setattr(first, keyword, "")
     return first
+
+
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC"})
+
+
+def _keep_character_set(document: Dataset, evidence: Dataset) -> None:
+    """Write ``document`` in the evidence's Specific Character Set where that set can encode
+    every text in it: names copied from the evidence then keep the bytes they came in. Where it
+    cannot (a draft or a label outside the patient's repertoire, say Latin-1 against an arrow or
+    a Greek letter), the document is written in UTF-8 (ISO_IR 192), which holds both."""
+    charset = evidence.get("SpecificCharacterSet")
+    chars = {char for element in document.iterall() if element.VR in _TEXT_VRS
+             for value in (element.value if element.VM > 1 else [element.value]) if value
+             for char in str(value) if not char.isascii()}
+    encodings = convert_encodings(charset) if charset else []
+
+    def encodable(char: str) -> bool:
+        for encoding in encodings:
+            try:
+                char.encode(encoding)
+                return True
+            except (UnicodeError, LookupError):
+                continue
+        return False
+
+    if charset and all(encodable(char) for char in chars):
+        document.SpecificCharacterSet = charset
+    elif chars:
+        document.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _coded_finding(finding: CodedFinding) -> hd.sr.CodeContentItem:
@@ -196,8 +228,8 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
         contribution_datetime=datetime.now(),
         contribution_description="Draft report written by an AI model (unverified)")
     # highdicom refuses some valid multi-valued character sets (ISO 2022 with an empty first
-    # value); it builds the SR in UTF-8 and the patient's own set is put back afterwards, so the
-    # names copied from the evidence are written in the character set they came in.
+    # value); it builds the SR in UTF-8 and the patient's own set is put back afterwards where it
+    # can write every text (_keep_character_set).
     first = _with_type2(evidence[0])
     sr = hd.sr.ComprehensiveSR(
         evidence=[first, *evidence[1:]], content=root, specific_character_set="ISO_IR 192",
@@ -207,9 +239,7 @@ def build_report_sr(findings: str, impression: str, model_name: str, model_versi
         previous_versions=list(previous) or None, contributing_equipment=[equipment])
     sr.SeriesDescription = f"{SERIES_DESCRIPTION} ({model_name})"[:64]
     sr.PreliminaryFlag = "PRELIMINARY"
-    charset = evidence[0].get("SpecificCharacterSet")
-    if charset:
-        sr.SpecificCharacterSet = charset
+    _keep_character_set(sr, evidence[0])
     return sr
 
 
@@ -234,11 +264,9 @@ def build_key_images(coded: Sequence[CodedFinding], model_name: str, model_versi
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=[first, *evidence[1:]], content=content, series_instance_uid=generate_uid(),
         series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1,
-        manufacturer=MANUFACTURER)
+        manufacturer=MANUFACTURER, specific_character_set="ISO_IR 192")  # as the SR's
     kos.SeriesDescription = f"{SERIES_DESCRIPTION} key images ({model_name})"[:64]
-    charset = evidence[0].get("SpecificCharacterSet")
-    if charset:
-        kos.SpecificCharacterSet = charset
+    _keep_character_set(kos, evidence[0])
     return kos
 
 
