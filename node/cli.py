@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -157,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] in (["serve"], ["worker"]):
         # stopped before the service installs its own handlers (building the parser alone
-        # imports torch): a clean stop, nothing was started yet
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # imports torch): a clean stop, nothing was started yet; os._exit, not an exception
+        # unwinding through a half-done import (see node.worker.stop_on_signals)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before there is anything to reload
     args = build_parser().parse_args(given)
     logging.basicConfig(level=getattr(logging, args.log_level),

@@ -327,12 +327,18 @@ def failure_reason(exc: BaseException) -> str:
 
 def stop_on_signals(stop: threading.Event, interrupt: bool = True) -> Callable[[], None]:
     """SIGTERM (and SIGINT with ``interrupt``) set ``stop``; until the returned function is
-    called (the model is loaded), they end the process at once: there is nothing to finish."""
+    called (the model is loaded), they end the process at once: there is nothing to finish.
+
+    At once means ``os._exit``: an exception raised from the handler would unwind through
+    whatever the main thread is in (half-imported torch, an OpenMP pool starting) and the
+    interpreter's shutdown could then abort (a worker stopped one second into loading once
+    ended with SIGABRT). Nothing is lost: the index is not yet written, and an interrupted
+    migration is one SQLite transaction, rolled back when the database is next opened."""
     loaded = threading.Event()
 
     def handler(*_: object) -> None:
         if not loaded.is_set():
-            raise SystemExit(0)
+            os._exit(0)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

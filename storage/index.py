@@ -57,7 +57,8 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision.
 
     Processes starting together (a node and its workers, several nodes) take turns: an advisory
-    lock on PostgreSQL, a file lock beside an SQLite database.
+    lock on PostgreSQL, a file lock beside an SQLite database. The whole upgrade is one
+    transaction on both, so a process killed during it leaves the schema as it found it.
     """
     cfg = AlembicConfig(str(_ALEMBIC_INI))
     database = engine.url.database if engine.dialect.name == "sqlite" else None
@@ -69,6 +70,11 @@ def migrate(engine: Engine) -> None:
         with engine.begin() as connection:
             if engine.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(7403201)"))
+            elif engine.dialect.name == "sqlite":
+                # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE, so each
+                # CREATE would commit on its own and a process killed half-way would leave a
+                # schema no later start can migrate. One explicit transaction: all or nothing.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     finally:

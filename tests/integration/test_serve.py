@@ -217,7 +217,7 @@ def test_worker_stopped_while_loading_exits_at_once(make_config: Callable[..., C
     time.sleep(1.0)  # importing torch and loading the checkpoint take longer than this
     start = time.monotonic()
     worker.terminate()
-    assert worker.wait(timeout=10) == 0
+    assert worker.wait(timeout=10) == 0, worker.stderr.read().decode(errors="replace")[-2000:]
     assert time.monotonic() - start < 5
 
 

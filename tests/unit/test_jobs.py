@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta
@@ -160,3 +162,31 @@ def test_concurrent_workers_claim_each_job_once(tmp_path: Path, make_config: Any
         thread.join()
     assert sorted(job_id for _, job_id in claimed) == expected
     assert all(job.state == JobState.DONE for job, _ in JobQueue(index, config).jobs())
+
+
+def test_a_process_killed_while_creating_the_index_leaves_one_that_opens(tmp_path: Path) -> None:
+    """A node stopped (or killed) in its first seconds, while it creates the SQLite index:
+    the half-made schema must not stay behind, or no later start could open the database
+    ("table study already exists", seen when a worker was stopped during its first start)."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os
+from sqlalchemy import event
+import storage.index as index
+engine = index.create_index_engine({url!r})
+tables = []
+
+@event.listens_for(engine, "after_cursor_execute")
+def die_after_the_second_table(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("CREATE TABLE"):
+        tables.append(statement)
+        if len(tables) == 2:
+            os._exit(9)  # as a SIGKILL would: no rollback, no cleanup
+
+index.migrate(engine)
+"""], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr  # it did die half-way
+    opened = Index(url, FileStore(tmp_path / "store"))
+    with opened.sessions() as session:
+        assert session.query(Study).count() == 0  # the whole schema is there
+    assert opened.device_uid
